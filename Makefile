@@ -1,0 +1,33 @@
+# Everything installs itself: `make test` and `make demo` create .venv and install the pinned
+# dependencies (torch 2.14.1 / torchvision 0.29.1, see pyproject.toml) on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+# Tiny teacher + tiny student on the 48 embedded CamVid frames; about 10 minutes on 2 CPU cores.
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(BIN)/dreamteacher train-teacher --data examples/camvid48 --out runs/demo/teacher --preset demo
+	$(BIN)/dreamteacher sample runs/demo/teacher --out runs/demo/samples.png
+	$(BIN)/dreamteacher pretrain --method dt-feat --teacher runs/demo/teacher --data examples/camvid48 \
+		--out runs/demo/student --preset demo
+	$(BIN)/dreamteacher export runs/demo/student --out runs/demo/backbone.safetensors
+	$(BIN)/dreamteacher report --teacher runs/demo/teacher --student runs/demo/student \
+		--data examples/camvid48 --out runs/demo/report.html
+
+clean:
+	rm -rf runs .pytest_cache

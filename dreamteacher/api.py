@@ -1,0 +1,170 @@
+"""The workflows as Python functions; the CLI is a thin layer over these.
+
+    import dreamteacher as dt
+    teacher = dt.train_teacher(data="images/", out="runs/teacher", preset="cpu-small")
+    run = dt.pretrain(data="images/", out="runs/student", teacher=teacher.run_dir, preset="cpu-small")
+    dt.export(run.run_dir, out="backbone.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dreamteacher.config import Config, build_config, load_config_file, save_config
+from dreamteacher.data.images import ImageFolder
+from dreamteacher.errors import UserError
+from dreamteacher.train import engine
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    seconds: float
+    final_loss: float | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _resolve_config(run_dir: Path, preset: str | None, overrides: list[str] | dict | None, resume: bool) -> Config:
+    saved = run_dir / CONFIG_FILE
+    if resume and saved.is_file():  # a resumed run keeps its settings; overrides may still extend it
+        return build_config(None, overrides, base=load_config_file(saved))
+    return build_config(preset, overrides)
+
+
+def _final_loss(trainer) -> float | None:
+    value = trainer.callback_metrics.get("train/loss")
+    return float(value) if value is not None else None
+
+
+def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
+                  overrides: list[str] | dict | None = None, resume: bool = False,
+                  progress: bool = True) -> RunResult:
+    """Train a DDPM teacher on an unlabeled image folder; writes `out/teacher/` (a diffusers
+    DDPMPipeline of the EMA weights), checkpoints, logs and the resolved config."""
+    from dreamteacher.teachers.training import TeacherTraining
+
+    run_dir = Path(out)
+    config = _resolve_config(run_dir, preset, overrides, resume)
+    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    ckpt = engine.prepare_run_dir(run_dir, resume)
+    save_config(config, run_dir / CONFIG_FILE)
+    engine.seed_everything(config.trainer.seed)
+    tt = config.teacher_train
+    trainer = engine.build_trainer(config, run_dir, tt.max_steps, tt.batch_size, progress)
+    loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size")
+    module = TeacherTraining(config)
+    start = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=ckpt)
+    seconds = time.perf_counter() - start
+    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    if trainer.is_global_zero:
+        module.save_pipeline(run_dir / "teacher")
+    return RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step, seconds,
+                     _final_loss(trainer), {"teacher": run_dir / "teacher"})
+
+
+def load_teacher(teacher: str | Path, config: Config):
+    from dreamteacher.teachers.diffusion import load_diffusion_teacher
+
+    e = config.encode
+    return load_diffusion_teacher(teacher, blocks=e.blocks, t=e.t, mode=e.mode, ddim_steps=e.ddim_steps)
+
+
+def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
+             model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
+             resume: bool = False, progress: bool = True) -> RunResult:
+    """Distill a teacher into a timm student (`method="dt-feat"`); writes checkpoints, logs, the
+    resolved config and `out/backbone.safetensors` (timm keys)."""
+    from dreamteacher.methods.dt_feat import DTFeat
+    from dreamteacher.export import export_backbone
+
+    if method != "dt-feat":
+        raise UserError(f"unknown method '{method}'; available: dt-feat")
+    run_dir = Path(out)
+    extra = {"student": {"backbone": model}} if model else {}
+    config = _resolve_config(run_dir, preset, _with(overrides, extra), resume)
+    if resume and teacher is None:
+        teacher = _saved_teacher(run_dir)
+    if teacher is None:
+        raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
+    from dreamteacher.students.backbone import check_backbone_name
+
+    check_backbone_name(config.student.backbone)
+    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    teacher_model = load_teacher(teacher, config)
+    ckpt = engine.prepare_run_dir(run_dir, resume)
+    save_config(config, run_dir / CONFIG_FILE)
+    (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve())}))
+    engine.seed_everything(config.trainer.seed)
+    opt = config.optim
+    per_epoch = engine.steps_per_epoch(len(dataset), opt.batch_size)
+    total = opt.max_steps if opt.max_steps > 0 else opt.epochs * per_epoch
+    trainer = engine.build_trainer(config, run_dir, total, opt.batch_size, progress)
+    loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size")
+    module = DTFeat(config, teacher_model, teacher_path=str(teacher))
+    module.total_steps = total
+    module.warmup_steps = round(total * opt.warmup_epochs / max(1, opt.epochs))
+    start = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=ckpt)
+    seconds = time.perf_counter() - start
+    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    files = {}
+    if trainer.is_global_zero:
+        files["backbone"] = export_backbone(engine.checkpoint_path(run_dir), run_dir / "backbone.safetensors")
+    return RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step, seconds,
+                     _final_loss(trainer), files)
+
+
+def _with(overrides: list[str] | dict | None, extra: dict) -> list[str] | dict | None:
+    if not extra:
+        return overrides
+    from dreamteacher.config import parse_overrides
+
+    merged = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for section, values in extra.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _saved_teacher(run_dir: Path) -> str | None:
+    path = run_dir / "teacher.json"
+    return json.loads(path.read_text())["teacher"] if path.is_file() else None
+
+
+def export(run: str | Path, out: str | Path | None = None) -> Path:
+    """Backbone-only safetensors with timm keys (+ a JSON of its config beside it)."""
+    from dreamteacher.export import export_backbone
+
+    run = Path(run)
+    ckpt = engine.checkpoint_path(run) if run.is_dir() else run
+    if not ckpt.is_file():
+        raise UserError(f"no training checkpoint at {ckpt}")
+    out = Path(out) if out else (run if run.is_dir() else run.parent) / "backbone.safetensors"
+    return export_backbone(ckpt, out)
+
+
+def sample(run: str | Path, out: str | Path | None = None, num: int = 16, steps: int = 50, seed: int = 0,
+           resolution: list[int] | None = None) -> Path:
+    """A PNG grid of DDIM samples from a teacher."""
+    from dreamteacher.teachers.diffusion import DiffusionTeacher, load_unet_and_scheduler
+    from dreamteacher.viz.images import save_grid
+
+    run = Path(run)
+    unet, scheduler = load_unet_and_scheduler(run)
+    if resolution is None:
+        size = unet.config.sample_size
+        resolution = list(size) if isinstance(size, (list, tuple)) else [size or 64, size or 64]
+    teacher = DiffusionTeacher(unet, scheduler, blocks=[0], t=0)
+    images = teacher.sample(num, *resolution, steps=steps, generator=torch.Generator().manual_seed(seed))
+    out = Path(out) if out else (run if run.is_dir() else run.parent) / "samples.png"
+    save_grid(images, out)
+    return out

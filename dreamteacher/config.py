@@ -1,0 +1,229 @@
+"""Run configuration: typed dataclasses, named YAML presets, dotted `--set key=value` overrides.
+
+Defaults below are the paper's (DreamTeacher Tables 16-17, ImageNet column); presets in
+`dreamteacher/configs/*.yaml` override a few fields each. The resolved config is saved with every run
+and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreamteacher.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    resolution: list[int] = field(default_factory=lambda: [256, 256])  # [height, width]
+    hflip: bool = True  # the only augmentation of the paper's pretraining (Table 17)
+    num_workers: int = 4
+
+
+@dataclass
+class DiffusionConfig:
+    """The teacher U-Net trained by `train-teacher` (ADM style, Table 16) and its DDPM."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [256, 256, 512, 512, 1024, 1024])
+    layers_per_block: int = 2
+    attention_levels: list[int] = field(default_factory=lambda: [3, 4, 5])  # levels at stride 8,16,32
+    attention_head_dim: int = 64
+    dropout: float = 0.0
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+
+
+@dataclass
+class TeacherTrainConfig:
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    max_steps: int = 500_000
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EncodeConfig:
+    """How real images become teacher features (the paper's *encoded dataset*, section 3.1)."""
+
+    t: int = 150  # 150 for ImageNet-like data, 50 for LSUN/FFHQ/BDD-like (Table 17)
+    # Indices of the U-Net decoder blocks whose outputs are distilled, counted over all layers of all
+    # up blocks (ADM's output_blocks). For ADM-256, blocks 3,6,9,12 sit at strides 16,8,4,2.
+    blocks: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
+    mode: str = "stochastic"  # or "ddim": deterministic DDIM inversion to t
+    ddim_steps: int = 10  # inversion steps for mode=ddim
+
+
+@dataclass
+class StudentConfig:
+    backbone: str = "resnet50"  # any timm CNN with forward_intermediates (resnet*, convnext*, ...)
+    regressor_channels: int = 256  # FPN width (appendix D.1)
+    ppm_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+
+
+@dataclass
+class LossConfig:
+    mse_weight: float = 1.0
+    at_weight: float = 10.0  # lambda_AT of Eq. 3, "to make the two losses in the same scale"
+    at_p: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lamb"  # "adamw" or "lamb"
+    base_lr: float = 4e-3  # scaled by batch_size / 256
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    batch_size: int = 2048  # global batch, split over all processes
+    epochs: int = 200
+    warmup_epochs: int = 30
+    max_steps: int = -1  # > 0 caps the run (smoke tests, demos)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp" for many GPUs or CPU processes
+    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    seed: int = 0
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 500
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    """Deep-merge `update` into `base`, refusing keys that are not settings."""
+    for key, value in update.items():
+        name = f"{where}{key}"
+        if key not in base:
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f" (did you mean {where}{close[0]}?)" if close else ""
+            raise UserError(f"unknown setting '{name}'{hint}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"setting '{name}' is a section; set its fields, e.g. {name}.<field>=...")
+            _merge(base[key], value, f"{name}.")
+        else:
+            base[key] = value
+    return base
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['optim.epochs=5', 'data.resolution=[96,128]'] -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot parse value '{raw}'") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def build_config(preset: str | None = None, overrides: list[str] | dict | None = None,
+                 base: dict | None = None) -> Config:
+    """Defaults <- `base` (e.g. a saved run config) <- preset file <- overrides, then validated."""
+    resolved = Config().to_dict()
+    if base:
+        _merge(resolved, base)
+    for layer in _preset_chain(preset):
+        _merge(resolved, layer)
+    if overrides:
+        _merge(resolved, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    config = Config(**{name: section_cls(**resolved[name]) for name, section_cls in _sections().items()})
+    validate(config)
+    return config
+
+
+def _preset_chain(preset: str | None) -> list[dict]:
+    """The preset's settings, preceded by those of the preset it names as `base` (recursively)."""
+    chain: list[dict] = []
+    while preset:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(available_presets())}")
+        layer = yaml.safe_load(path.read_text()) or {}
+        preset = layer.pop("base", None)
+        chain.insert(0, layer)
+        if len(chain) > 8:
+            raise UserError(f"preset chain too deep at '{path.name}' (a base cycle?)")
+    return chain
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def validate(config: Config) -> None:
+    res = config.data.resolution
+    if not (isinstance(res, list) and len(res) == 2 and all(isinstance(v, int) and v >= 16 for v in res)):
+        raise UserError(f"data.resolution must be [height, width] of integers >= 16, got {res}")
+    if config.encode.mode not in ("stochastic", "ddim"):
+        raise UserError(f"encode.mode must be 'stochastic' or 'ddim', got '{config.encode.mode}'")
+    if not 0 <= config.encode.t < config.diffusion.num_train_timesteps:
+        raise UserError(f"encode.t must be in [0, {config.diffusion.num_train_timesteps}), got {config.encode.t}")
+    blocks = config.encode.blocks
+    if not blocks or len(blocks) > 4 or len(set(blocks)) != len(blocks) or not all(isinstance(b, int) for b in blocks):
+        raise UserError(f"encode.blocks must be 1 to 4 distinct integers, got {blocks}")
+    if config.optim.name not in ("adamw", "lamb"):
+        raise UserError(f"optim.name must be 'adamw' or 'lamb', got '{config.optim.name}'")
+    if config.loss.mse_weight < 0 or config.loss.at_weight < 0:
+        raise UserError("loss.mse_weight and loss.at_weight must be >= 0")
+    if config.loss.mse_weight == 0 and config.loss.at_weight == 0:
+        raise UserError("loss.mse_weight and loss.at_weight are both 0: nothing to train")
+    for name, value in (("optim.batch_size", config.optim.batch_size),
+                        ("teacher_train.batch_size", config.teacher_train.batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value}")
+    levels = len(config.diffusion.block_out_channels)
+    factor = 2 ** (levels - 1)
+    if any(v % factor for v in res):
+        raise UserError(f"data.resolution {res} must be divisible by {factor} "
+                        f"(the U-Net halves it {levels - 1} times)")
+    if any(not 0 <= lvl < levels for lvl in config.diffusion.attention_levels):
+        raise UserError(f"diffusion.attention_levels must be in [0, {levels}), got {config.diffusion.attention_levels}")
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_config_file(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}

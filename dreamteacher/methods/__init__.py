@@ -1,0 +1,1 @@
+"""Pretraining methods: LightningModules whose step maps a batch to {"loss": total, **parts}."""

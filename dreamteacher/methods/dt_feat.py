@@ -1,0 +1,76 @@
+"""DreamTeacher feature distillation (section 3.1): student + feature regressor regress the frozen
+teacher's multi-level features; L = w_mse * MSE(whitened) + w_at * AT (Eq. 1-3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dreamteacher.config import Config
+from dreamteacher.losses import attention_transfer_loss, whitened_mse_loss
+from dreamteacher.methods.base import PretrainMethod
+from dreamteacher.students.backbone import Backbone
+from dreamteacher.students.regressor import FeatureRegressor
+from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
+
+
+def pair_levels(specs: list[FeatureSpec], num_levels: int = 4) -> list[int]:
+    """Student level (0 = stride 4 .. 3 = stride 32) for each teacher feature.
+
+    Coarsest teacher feature -> deepest student level, next -> next; a 4-block ADM teacher at
+    strides 16, 8, 4, 2 thus feeds student strides 32, 16, 8, 4 (teacher maps are resized to fit).
+    """
+    order = sorted(range(len(specs)), key=lambda i: -specs[i].stride)
+    levels = [0] * len(specs)
+    for rank, i in enumerate(order):
+        levels[i] = num_levels - 1 - rank
+    return levels
+
+
+def resize_to(feats_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-average when shrinking (no aliasing), bilinear when enlarging."""
+    if tuple(feats_bchw.shape[-2:]) == tuple(size):
+        return feats_bchw
+    if feats_bchw.shape[-2] >= size[0] and feats_bchw.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(feats_bchw, size)
+    return F.interpolate(feats_bchw, size=size, mode="bilinear", align_corners=False)
+
+
+class DTFeat(PretrainMethod):
+    """batch of images in [-1, 1] -> {"loss", "mse", "at"}. The teacher is held outside the module
+    tree: it is not wrapped by DDP, not in the optimizer, not in checkpoints (its path is)."""
+
+    def __init__(self, config: Config, teacher: DiffusionTeacher, teacher_path: str = ""):
+        super().__init__(config, method="dt-feat", extra={"teacher": teacher_path,
+                                                          "teacher_features": [vars(s) for s in teacher.feature_specs]})
+        object.__setattr__(self, "teacher", teacher)  # deliberately unregistered, see class docstring
+        self.backbone = Backbone(config.student.backbone)
+        self.levels = pair_levels(teacher.feature_specs)
+        out_channels: list[int | None] = [None] * 4
+        for spec, level in zip(teacher.feature_specs, self.levels):
+            out_channels[level] = spec.channels
+        self.regressor = FeatureRegressor(self.backbone.channels, out_channels, config.student.regressor_channels,
+                                          config.student.ppm_scales)
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Regressor outputs paired with the teacher's features, in the teacher's block order."""
+        outputs = self.regressor(self.backbone(images))
+        return [outputs[level] for level in self.levels]
+
+    def compute_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        teacher_feats = self.teacher.encode(images)
+        student_feats = self.student_features(images)
+        targets = [resize_to(t, s.shape[-2:]) for t, s in zip(teacher_feats, student_feats)]
+        cfg = self.config.loss
+        parts: dict[str, torch.Tensor] = {}
+        total = images.new_zeros(())
+        if cfg.mse_weight > 0:  # a term runs only when its weight is above zero
+            parts["mse"] = whitened_mse_loss(student_feats, targets)
+            total = total + cfg.mse_weight * parts["mse"]
+        if cfg.at_weight > 0:
+            parts["at"] = attention_transfer_loss(student_feats, targets, p=cfg.at_p)
+            total = total + cfg.at_weight * parts["at"]
+        return {"loss": total, **parts}

@@ -1,0 +1,1 @@
+"""Students: timm backbones that state their feature levels, and heads trained on top of them."""

@@ -1,0 +1,79 @@
+"""Training a DDPM teacher (epsilon prediction, linear betas) on an unlabeled image folder.
+
+The U-Net is a diffusers `UNet2DModel` in the ADM style of DreamTeacher Table 16 (resblock up/down
+sampling, scale-shift norm, attention at the deep levels), scaled by preset; an EMA copy is kept and is
+what gets saved, as a diffusers `DDPMPipeline` that any diffusers user can load and sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, UNet2DModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dreamteacher.config import Config, DiffusionConfig
+from dreamteacher.teachers.diffusion import default_scheduler
+
+
+
+def build_unet(cfg: DiffusionConfig, resolution: list[int]) -> UNet2DModel:
+    attention = set(cfg.attention_levels)
+    levels = range(len(cfg.block_out_channels))
+    return UNet2DModel(
+        sample_size=tuple(resolution), in_channels=3, out_channels=3,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if lvl in attention else "ResnetDownsampleBlock2D" for lvl in levels),
+        up_block_types=tuple("AttnUpBlock2D" if lvl in attention else "ResnetUpsampleBlock2D" for lvl in reversed(levels)),
+        downsample_type="resnet", upsample_type="resnet", attention_head_dim=cfg.attention_head_dim,
+        resnet_time_scale_shift="scale_shift", norm_num_groups=32, attn_norm_num_groups=32,
+        flip_sin_to_cos=True, freq_shift=0, dropout=cfg.dropout,
+    )
+
+
+class TeacherTraining(L.LightningModule):
+    """batch of images in [-1, 1] -> {"loss": MSE(eps_pred, eps)} at uniformly drawn steps."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.save_hyperparameters({"method": "train-teacher", "config": config.to_dict()})
+        d = config.diffusion
+        self.unet = build_unet(d, config.data.resolution)
+        self.noise_scheduler = default_scheduler(d.num_train_timesteps, d.beta_start, d.beta_end)
+        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(config.teacher_train.ema_decay))
+        self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
+        self.total_steps = config.teacher_train.max_steps
+
+    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        noise = torch.randn_like(images)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
+        alphas = self.noise_scheduler.alphas_cumprod.to(images.device)[t].view(-1, 1, 1, 1)
+        noisy = alphas.sqrt() * images + (1 - alphas).sqrt() * noise
+        loss = F.mse_loss(self.unet(noisy, t).sample, noise)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update_parameters(self.unet)
+
+    def configure_optimizers(self):
+        tt = self.config.teacher_train
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tt.lr, weight_decay=tt.weight_decay)
+        warmup = min(tt.warmup_steps, self.total_steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=self.config.teacher_train.grad_clip, gradient_clip_algorithm="norm")
+
+    def save_pipeline(self, folder: Path) -> None:
+        """The EMA U-Net + scheduler as a diffusers DDPMPipeline (`DDPMPipeline.from_pretrained(folder)`)."""
+        ema_unet = self.ema.module
+        DDPMPipeline(unet=ema_unet, scheduler=self.noise_scheduler).save_pretrained(folder, safe_serialization=True)
+
+

@@ -1,0 +1,144 @@
+"""Engine glue: Lightning trainer, loggers, checkpoints, throughput, optimizers and schedules.
+
+Methods are LightningModules whose `training_step` returns `{"loss": total, **parts}`; everything
+about stepping, logging, distributed data and checkpointing lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dreamteacher.config import Config
+from dreamteacher.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+# Lightning's advice about worker counts and logging intervals is noise on small CPU runs.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+class StepProgress(Callback):
+    """One progress bar over the whole run (not per epoch) with loss and images/s of all processes;
+    images/s also goes to the logs. Time between batch ends, so data loading is included."""
+
+    def __init__(self, global_batch: int, show: bool = True):
+        self.global_batch, self.show = global_batch, show
+        self._last: float | None = None
+        self._rate: float | None = None
+        self._bar: tqdm | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.show and trainer.is_global_zero:
+            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stderr)
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        rate = self.global_batch / max(now - self._last, 1e-9)
+        self._last = now
+        self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
+        pl_module.log("img_s", self._rate, on_step=True, on_epoch=False, rank_zero_only=True)
+        if self._bar is not None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self._bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{self._rate:.1f}", refresh=False)
+            self._bar.update(trainer.global_step - self._bar.n)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; never silently overwrites a trained run."""
+    run_dir = Path(run_dir)
+    ckpt = checkpoint_path(run_dir)
+    if resume:
+        if not ckpt.is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt}")
+        return ckpt
+    if ckpt.is_file():
+        raise UserError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it, "
+                        "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def keep_previous_logs(run_dir: Path) -> None:
+    """Lightning's CSV logger would delete metrics.csv on resume: keep it as metrics.partN.csv."""
+    metrics = Path(run_dir) / "logs" / "metrics.csv"
+    if metrics.is_file():
+        part = len(list(metrics.parent.glob("metrics.part*.csv")))
+        metrics.rename(metrics.with_name(f"metrics.part{part}.csv"))
+
+
+def build_trainer(config: Config, run_dir: Path, max_steps: int, global_batch: int,
+                  progress: bool = True) -> L.Trainer:
+    t = config.trainer
+    keep_previous_logs(run_dir)
+    ckpt_cb = ModelCheckpoint(dirpath=Path(run_dir) / CHECKPOINT_DIR, save_last=True, save_top_k=0,
+                              every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_on_train_epoch_end=False)
+    ckpt_cb.CHECKPOINT_NAME_LAST = "last"
+    loggers = [CSVLogger(run_dir, name="", version="logs"),
+               TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False)]
+    callbacks: list[Callback] = [ckpt_cb, StepProgress(global_batch, show=progress)]
+    return L.Trainer(
+        max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, logger=loggers,
+        callbacks=callbacks, default_root_dir=run_dir, log_every_n_steps=max(1, t.log_every_n_steps),
+        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        limit_val_batches=0, use_distributed_sampler=True,
+    )
+
+
+def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_workers: int,
+                setting: str) -> DataLoader:
+    """Per-process loader: the global batch is split evenly over all processes."""
+    world = trainer.world_size
+    if global_batch % world:
+        raise UserError(f"{setting}={global_batch} is not divisible by the {world} processes")
+    per_process = global_batch // world
+    if per_process > len(dataset) // world:
+        raise UserError(f"{setting}={global_batch} is larger than the {len(dataset)} images; lower it")
+    workers = min(num_workers, os.cpu_count() or 1)
+    return DataLoader(dataset, batch_size=per_process, shuffle=True, drop_last=True, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def steps_per_epoch(num_images: int, global_batch: int) -> int:
+    return max(1, num_images // global_batch)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 (per optimizer step)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)

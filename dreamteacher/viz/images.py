@@ -1,0 +1,78 @@
+"""Turning tensors into pictures: grids, heatmaps of feature activation, PCA colorings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(tiles: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one image, white padding."""
+    n, h, w, _ = tiles.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid(to_uint8(images), columns)).save(path)
+    return path
+
+
+def _viridis_like(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB uint8 with a perceptual dark-blue -> green -> yellow ramp (no matplotlib needed)."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
+    pos = np.clip(values, 0, 1) * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
+
+
+def activation_heatmap(feats_bchw: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Feature activation map (sum of squared activations over channels, as attention transfer sees
+    it), normalized per image -> (B, H, W, 3) uint8."""
+    act = feats_bchw.detach().float().pow(2).sum(1, keepdim=True)
+    act = F.interpolate(act, size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo = act.flatten(1).min(1).values.view(-1, 1, 1)
+    hi = act.flatten(1).max(1).values.view(-1, 1, 1)
+    return _viridis_like(((act - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy())
+
+
+def pca_basis(feats_bchw: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and top-k principal directions of the per-pixel feature vectors."""
+    x = feats_bchw.detach().float().permute(0, 2, 3, 1).reshape(-1, feats_bchw.shape[1])
+    mean = x.mean(0)
+    _, _, v = torch.pca_lowrank(x - mean, q=min(k, x.shape[1]), center=False)
+    return mean, v[:, :k]
+
+
+def pca_colors(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor], size: tuple[int, int],
+               scale: torch.Tensor | None = None) -> np.ndarray:
+    """Project features on a PCA basis, map the 3 components to RGB -> (B, H, W, 3) uint8.
+
+    The same basis (and scale) applied to two feature sets gives directly comparable colors.
+    """
+    mean, v = basis
+    x = feats_bchw.detach().float().permute(0, 2, 3, 1) - mean
+    proj = x @ v  # (B, h, w, 3)
+    if scale is None:
+        scale = proj.flatten(0, 2).abs().quantile(0.99, dim=0).clamp_min(1e-6)
+    rgb = (proj / scale).clamp(-1, 1).add(1).mul(127.5).permute(0, 3, 1, 2)
+    rgb = F.interpolate(rgb, size=size, mode="nearest")
+    return rgb.round().byte().permute(0, 2, 3, 1).cpu().numpy()

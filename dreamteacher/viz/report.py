@@ -1,0 +1,127 @@
+"""One self-contained HTML page showing what a teacher learned and what a student took from it:
+teacher samples, teacher feature activation maps per block and per t (paper Fig. 4/7), and the
+student's features after distillation beside the teacher's (Fig. 8)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreamteacher.config import build_config, load_config_file
+from dreamteacher.data.images import ImageFolder, uint8_to_unit
+from dreamteacher.viz.images import activation_heatmap, grid, pca_basis, pca_colors, to_uint8
+
+REPORT_TIMESTEPS = (25, 50, 150, 400)
+
+
+def _png(array: np.ndarray, scale: int = 1) -> str:
+    img = Image.fromarray(array)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _load_images(data: str | Path, resolution: list[int], num: int) -> torch.Tensor:
+    dataset = ImageFolder(data, resolution, hflip=False)
+    picks = np.linspace(0, len(dataset) - 1, num=min(num, len(dataset))).round().astype(int)
+    return torch.stack([uint8_to_unit(dataset.load(int(i))) for i in picks])
+
+
+@torch.no_grad()
+def write_report(teacher_path: str | Path, data: str | Path, out: str | Path, student_run: str | Path | None = None,
+                 num_images: int = 4, num_samples: int = 16, seed: int = 0) -> Path:
+    from dreamteacher.api import load_teacher
+
+    config = (build_config(None, None, base=load_config_file(Path(student_run) / "config.yaml"))
+              if student_run else build_config(None, None, base=_teacher_run_config(teacher_path)))
+    teacher = load_teacher(teacher_path, config)
+    height, width = config.data.resolution
+    images = _load_images(data, config.data.resolution, num_images)
+    size = (height, width)
+    sections = [f"<h1>DreamTeacher report</h1><p>teacher: <code>{html.escape(str(teacher_path))}</code>; "
+                f"images: <code>{html.escape(str(data))}</code> at {height}x{width}</p>"]
+
+    samples = teacher.sample(num_samples, height, width, steps=50, generator=torch.Generator().manual_seed(seed))
+    sections.append("<h2>Teacher samples</h2><p>50 DDIM steps from pure noise.</p>" + _png(grid(to_uint8(samples)), 2))
+
+    specs = teacher.feature_specs
+    header = ["image", "t"] + [f"block {s.block} (stride {s.stride}, {s.channels} ch)" for s in specs]
+    rows = []
+    for i in range(images.shape[0]):
+        for t in REPORT_TIMESTEPS:
+            if t >= len(teacher.alphas_cumprod):
+                continue
+            gen = torch.Generator().manual_seed(seed + i)
+            feats = teacher.features(teacher.noise(images[i: i + 1], t, gen), t)
+            maps = [_png(activation_heatmap(f, size)[0], 2) for f in feats]
+            rows.append([_png(to_uint8(images[i: i + 1])[0], 2) if t == REPORT_TIMESTEPS[0] else "", str(t), *maps])
+    sections.append("<h2>Teacher feature activation maps</h2><p>Sum of squared activations over channels "
+                    "at each decoder block (columns) after stochastic encoding at step t (rows), as in the "
+                    "paper's Fig. 4/7.</p>" + _table(header, rows))
+
+    if student_run:
+        sections.append(_student_section(Path(student_run), config, teacher, images, size, seed))
+    html_text = ("<!doctype html><html><head><meta charset='utf-8'><title>DreamTeacher report</title><style>"
+                 "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:3px;"
+                 "border:1px solid #ddd;font-size:12px;vertical-align:middle}img{image-rendering:pixelated}"
+                 "</style></head><body>" + "\n".join(sections) + "</body></html>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html_text)
+    return out
+
+
+def _teacher_run_config(teacher_path: str | Path) -> dict | None:
+    path = Path(teacher_path) / "config.yaml"
+    return load_config_file(path) if path.is_file() else None
+
+
+def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tuple[int, int], seed: int) -> str:
+    from dreamteacher.export import read_checkpoint
+    from dreamteacher.losses import whiten
+    from dreamteacher.methods.dt_feat import DTFeat, resize_to
+    from dreamteacher.train.engine import checkpoint_path
+
+    ckpt = read_checkpoint(checkpoint_path(run))
+    method = DTFeat(config, teacher)
+    method.load_state_dict(ckpt["state_dict"])
+    method.eval()
+    gen = torch.Generator().manual_seed(seed)
+    teacher_feats = teacher.features(teacher.noise(images, config.encode.t, gen), config.encode.t)
+    student_feats = method.student_features(images)
+    backbone_feats = method.backbone(images)
+    header = ["image"] + [f"block {s.block}: teacher | student" for s in teacher.feature_specs] + \
+             [f"backbone stride {s}" for s in method.backbone.strides]
+    columns = []
+    for t_feat, s_feat in zip(teacher_feats, student_feats):
+        target = whiten(resize_to(t_feat, s_feat.shape[-2:]))
+        basis = pca_basis(target)
+        scale = ((target.float().permute(0, 2, 3, 1) - basis[0]) @ basis[1]).flatten(0, 2).abs().quantile(0.99, dim=0)
+        columns.append((pca_colors(target, basis, size, scale), pca_colors(s_feat, basis, size, scale)))
+    heatmaps = [activation_heatmap(f, size) for f in backbone_feats]
+    rows = []
+    for i in range(images.shape[0]):
+        row = [_png(to_uint8(images[i: i + 1])[0], 2)]
+        row += [_png(np.concatenate([t[i], np.full((size[0], 2, 3), 255, np.uint8), s[i]], axis=1), 2)
+                for t, s in columns]
+        row += [_png(h[i], 2) for h in heatmaps]
+        rows.append(row)
+    return (f"<h2>Student after distillation</h2><p>run <code>{html.escape(str(run))}</code>, step "
+            f"{ckpt.get('global_step', '?')}, backbone <code>{html.escape(config.student.backbone)}</code>. "
+            "Teacher targets (whitened, t=%d) and the student's regressor outputs, colored by the same PCA "
+            "basis per block: matching colors mean the student reproduces the teacher's features. Then the "
+            "backbone's own activation maps per level (Fig. 8).</p>" % config.encode.t) + _table(header, rows)

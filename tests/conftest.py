@@ -1,0 +1,71 @@
+"""Tiny images, teachers and settings shared by the tests (everything is built here, nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO.parent / "shared" / "data" / "camvid"
+
+# A 3-level U-Net (6 decoder blocks at strides 4,2,2,1,1,1), a 0.4M-parameter timm student, 32x32 images.
+TINY = [
+    "data.resolution=[32,32]", "data.num_workers=0",
+    "diffusion.block_out_channels=[32,32,32]", "diffusion.layers_per_block=1",
+    "diffusion.attention_levels=[2]", "diffusion.attention_head_dim=16",
+    "teacher_train.batch_size=4", "teacher_train.max_steps=3", "teacher_train.warmup_steps=1",
+    "encode.t=50", "encode.blocks=[0,2,4]",
+    "student.backbone=test_resnet", "student.regressor_channels=32",
+    "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1",
+    "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=1", "trainer.log_every_n_steps=1",
+]
+
+
+def write_images(folder: Path, count: int = 8, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """Smooth random scenes (gradients + rectangles), RGB PNG."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    for i in range(count):
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        img = np.stack([yy * rng.uniform(50, 200), xx * rng.uniform(50, 200), (yy + xx) * 80], -1)
+        for _ in range(3):
+            y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
+            img[y0: y0 + 8, x0: x0 + 8] = rng.uniform(0, 255, 3)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    return write_images(tmp_path / "images")
+
+
+def tiny_unet(seed: int = 0, block_out=(32, 32, 32), layers_per_block: int = 1):
+    from dreamteacher.config import build_config
+    from dreamteacher.teachers.training import build_unet
+
+    torch.manual_seed(seed)
+    overrides = [o for o in TINY if not o.startswith("diffusion.block_out") and not o.startswith("diffusion.layers")]
+    overrides += [f"diffusion.block_out_channels={list(block_out)}", f"diffusion.layers_per_block={layers_per_block}",
+                  f"diffusion.attention_levels=[{len(block_out) - 1}]"]
+    config = build_config(None, overrides)
+    return build_unet(config.diffusion, config.data.resolution)
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path: Path) -> Path:
+    """A random tiny U-Net saved as a diffusers DDPMPipeline folder."""
+    from diffusers import DDPMPipeline
+
+    from dreamteacher.teachers.diffusion import default_scheduler
+
+    folder = tmp_path / "tiny_teacher"
+    DDPMPipeline(unet=tiny_unet(), scheduler=default_scheduler()).save_pretrained(folder)
+    return folder

@@ -1,0 +1,148 @@
+"""Every command end to end on a handful of tiny images; exports load into timm strictly; a killed
+run resumes; two CPU processes (gloo DDP) train together; bad input is one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, write_images
+from dreamteacher.cli import main
+from dreamteacher.export import read_checkpoint
+
+CLI = [sys.executable, "-m", "dreamteacher.cli"]
+
+
+def sets(*extra: str) -> list[str]:
+    args = []
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny teacher trained by the CLI and a student distilled from it."""
+    root = tmp_path_factory.mktemp("cli")
+    images = write_images(root / "images")
+    assert main(["train-teacher", "--data", str(images), "--out", str(root / "teacher"), "--no-progress", *sets()]) == 0
+    assert main(["pretrain", "--teacher", str(root / "teacher"), "--data", str(images), "--out",
+                 str(root / "student"), "--no-progress", *sets()]) == 0
+    return root
+
+
+def test_train_teacher_writes_a_diffusers_pipeline(trained):
+    from diffusers import DDPMPipeline
+
+    pipeline = DDPMPipeline.from_pretrained(trained / "teacher" / "teacher")
+    assert list(pipeline.unet.config.block_out_channels) == [32, 32, 32]
+    assert pipeline.scheduler.config.beta_schedule == "linear" and pipeline.scheduler.config.beta_end == 0.02
+    assert (trained / "teacher" / "config.yaml").is_file()
+    assert (trained / "teacher" / "logs" / "metrics.csv").is_file()
+    assert list((trained / "teacher" / "logs").glob("events.out.tfevents.*"))
+
+
+def test_sample_writes_a_png_grid(trained):
+    out = trained / "samples.png"
+    assert main(["sample", str(trained / "teacher"), "--out", str(out), "--num", "4", "--steps", "3"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+
+
+def test_pretrain_export_loads_into_timm_strictly(trained):
+    ckpt = read_checkpoint(trained / "student" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4  # 2 epochs x (8 images // batch 4)
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])  # teacher is not checkpointed
+    out = trained / "exported.safetensors"
+    assert main(["export", str(trained / "student"), "--out", str(out)]) == 0
+    weights = load_file(out)
+    model = timm.create_model("test_resnet", num_classes=0)
+    model.load_state_dict(weights, strict=True)
+    assert set(weights) == set(model.state_dict())
+    assert not any(k.startswith(("regressor", "backbone.", "model.")) for k in weights)
+    # the exported weights are the trained ones
+    trained_key = "backbone.features.model.layer1.0.conv1.weight"
+    assert torch.equal(weights["layer1.0.conv1.weight"], ckpt["state_dict"][trained_key])
+    # and timm's own pretrained-file path takes it too
+    via_timm = timm.create_model("test_resnet", pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay={"file": str(out)})
+    assert torch.equal(via_timm.state_dict()["layer1.0.conv1.weight"], weights["layer1.0.conv1.weight"])
+    assert (trained / "student" / "backbone.safetensors").is_file()
+
+
+def test_report_shows_teacher_and_student(trained):
+    out = trained / "report.html"
+    assert main(["report", "--teacher", str(trained / "teacher"), "--student", str(trained / "student"),
+                 "--data", str(trained / "images"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("data:image/png;base64") > 20
+    assert "Teacher feature activation maps" in page and "Student after distillation" in page
+
+
+def test_rerun_without_resume_refuses_to_overwrite(trained, capsys):
+    code = main(["pretrain", "--teacher", str(trained / "teacher"), "--data", str(trained / "images"),
+                 "--out", str(trained / "student"), *sets()])
+    assert code == 2
+    assert "already holds a training checkpoint; pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "{root}/missing"], "teacher not found: .*missing"),
+    (["--teacher", "{root}/images"], "not a train-teacher run"),
+    (["--teacher", "{root}/teacher", "--model", "resnet_nope"], "student.backbone 'resnet_nope' is not a timm model"),
+    (["--teacher", "{root}/teacher", "--set", "encode.blocks=[0,9]"], "block 9 is out of range"),
+])
+def test_bad_input_is_one_line(trained, capsys, args, message):
+    args = [a.format(root=trained) for a in args]
+    code = main(["pretrain", "--data", str(trained / "images"), "--out", str(trained / "bad"),
+                 *sets(), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not (trained / "bad" / "checkpoints").exists()
+
+
+def test_killed_run_resumes_from_last_checkpoint(trained):
+    out = trained / "killed"
+    cmd = [*CLI, "pretrain", "--teacher", str(trained / "teacher"), "--data", str(trained / "images"),
+           "--out", str(out), "--no-progress", *sets("optim.max_steps=500")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not ckpt.is_file():
+        time.sleep(0.5)
+    time.sleep(3)  # a few more steps and checkpoint rewrites
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file(), "no checkpoint was written before the kill"
+    step = read_checkpoint(ckpt)["global_step"]  # complete and readable: writes are atomic
+    assert 1 <= step < 500
+    assert main(["pretrain", "--data", str(trained / "images"), "--out", str(out), "--resume", "--no-progress",
+                 "--set", f"optim.max_steps={step + 2}"]) == 0  # teacher and settings come from the run
+    assert read_checkpoint(ckpt)["global_step"] == step + 2
+
+
+def test_two_process_gloo_pretraining(trained):
+    out = trained / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*CLI, "pretrain", "--teacher", str(trained / "teacher"), "--data",
+                             str(trained / "images"), "--out", str(out), "--no-progress",
+                             *sets("trainer.devices=2", "trainer.strategy=ddp")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = read_checkpoint(out / "checkpoints" / "last.ckpt")
+    # global batch 4 split over 2 processes: the same 2 optimizer steps per epoch as one process
+    assert ckpt["global_step"] == 4
+    assert (out / "backbone.safetensors").is_file()
