@@ -101,6 +101,7 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
     check_backbone_name(config.student.backbone)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     teacher_model = load_teacher(teacher, config)
+    teacher_model.check_resolution(*config.data.resolution)
     ckpt = engine.prepare_run_dir(run_dir, resume)
     save_config(config, run_dir / CONFIG_FILE)
     (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve())}))

@@ -99,3 +99,10 @@ def test_teacher_loads_from_pipeline_and_unet_folders(tiny_teacher_dir):
     from_unet = load_diffusion_teacher(tiny_teacher_dir / "unet", blocks=[0, 2], t=50)
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(from_pipeline.features(x, 50)[1], from_unet.features(x, 50)[1])
+
+
+def test_resolution_must_fit_the_teachers_downsampling():
+    teacher = make_teacher()  # 3 levels: downsamples by 4
+    teacher.check_resolution(32, 36)
+    with pytest.raises(UserError, match=r"data.resolution \[32, 34\] must be divisible by 4"):
+        teacher.check_resolution(32, 34)

@@ -78,6 +78,13 @@ class DiffusionTeacher(nn.Module):
         self._block_modules = [module for module, _ in all_blocks]
         self.feature_specs = [all_blocks[b][1] for b in blocks]
         self.t, self.mode, self.ddim_steps = t, mode, ddim_steps
+        # image sides must be divisible by this, or skip connections stop lining up
+        self.size_multiple = 2 ** sum(bool(getattr(up, "upsamplers", None)) for up in unet.up_blocks)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        if height % self.size_multiple or width % self.size_multiple:
+            raise UserError(f"data.resolution [{height}, {width}] must be divisible by {self.size_multiple} "
+                            f"for this teacher (its U-Net downsamples by {self.size_multiple})")
 
     def train(self, mode: bool = True) -> "DiffusionTeacher":
         return super().train(False)  # frozen: dropout stays off whatever the caller's mode
