@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,9 +168,42 @@ def build_config(preset: str | None = None, overrides: list[str] | dict | None =
         _merge(resolved, layer)
     if overrides:
         _merge(resolved, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    config = Config(**{name: section_cls(**resolved[name]) for name, section_cls in _sections().items()})
+    config = Config(**{name: section_cls(**{key: _coerce(f"{name}.{key}", value, hints[key])
+                                            for key, value in resolved[name].items()})
+                       for name, section_cls in _sections().items()
+                       for hints in [typing.get_type_hints(section_cls)]})
     validate(config)
     return config
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """YAML values -> the field's type (YAML reads `1e-3` as a string, for one); clear error otherwise."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"setting '{name}' expects a list, e.g. [1, 2], got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(name, item, item_hint) for item in value]
+    try:
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"setting '{name}' expects {hint.__name__}, got {value!r}") from None
+    return value
 
 
 def _preset_chain(preset: str | None) -> list[dict]:

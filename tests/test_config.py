@@ -43,3 +43,13 @@ def test_bad_settings_are_named(override, message):
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown preset 'tiny'; choose one of"):
         build_config("tiny")
+
+
+def test_values_are_coerced_to_the_field_type():
+    config = build_config("cpu-small", ["optim.base_lr=1e-3", "optim.epochs=5.0", "loss.at_weight=0"])
+    assert config.optim.base_lr == 1e-3 and isinstance(config.optim.base_lr, float)
+    assert config.optim.epochs == 5 and isinstance(config.optim.epochs, int)
+    with pytest.raises(UserError, match="setting 'optim.epochs' expects int, got 'many'"):
+        build_config("cpu-small", ["optim.epochs=many"])
+    with pytest.raises(UserError, match="setting 'encode.blocks' expects a list"):
+        build_config("cpu-small", ["encode.blocks=3"])

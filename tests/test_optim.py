@@ -1,0 +1,39 @@
+"""The paper's optimizers and schedule: lr = base x batch/256, warmup then cosine, AdamW or LAMB."""
+
+import math
+
+import pytest
+import torch
+from timm.optim import Lamb
+
+from dreamteacher.config import build_config
+from dreamteacher.methods.base import PretrainMethod
+from dreamteacher.train.engine import warmup_cosine
+
+
+class Tiny(PretrainMethod):
+    def __init__(self, config):
+        super().__init__(config, method="tiny")
+        self.layer = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("lamb", Lamb)])
+def test_optimizer_lr_scaling_and_no_decay_on_biases(name, cls):
+    config = build_config("cpu-small", [f"optim.name={name}", "optim.batch_size=512", "optim.base_lr=1e-3"])
+    model = Tiny(config)
+    opt = model.configure_optimizers()["optimizer"]
+    assert isinstance(opt, cls)
+    # 1e-3 x 512/256; LambdaLR has applied the first warmup factor already
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * warmup_cosine(1, 0)(0))
+    assert tuple(opt.param_groups[0]["betas"]) == (0.9, 0.95)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(model.layer.weight)] == 0.05
+    assert decays[id(model.layer.bias)] == 0.0 and decays[id(model.norm.weight)] == 0.0
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(total_steps=110, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
