@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY, write_images
 from dreamteacher.cli import main
-from dreamteacher.export import read_checkpoint
+from dreamteacher.errors import UserError
+from dreamteacher.export import load_backbone, read_checkpoint
 
 CLI = [sys.executable, "-m", "dreamteacher.cli"]
 
@@ -78,6 +79,10 @@ def test_pretrain_export_loads_into_timm_strictly(trained):
                                  pretrained_cfg_overlay={"file": str(out)})
     assert torch.equal(via_timm.state_dict()["layer1.0.conv1.weight"], weights["layer1.0.conv1.weight"])
     assert (trained / "student" / "backbone.safetensors").is_file()
+    loaded = load_backbone(out)  # the library's own loader reads the export's metadata
+    assert torch.equal(loaded.state_dict()["layer1.0.conv1.weight"], weights["layer1.0.conv1.weight"])
+    with pytest.raises(UserError, match="not a dreamteacher backbone export"):
+        load_backbone(trained / "teacher" / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_report_shows_teacher_and_student(trained):

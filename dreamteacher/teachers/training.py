@@ -54,7 +54,7 @@ class TeacherTraining(L.LightningModule):
         alphas = self.noise_scheduler.alphas_cumprod.to(images.device)[t].view(-1, 1, 1, 1)
         noisy = alphas.sqrt() * images + (1 - alphas).sqrt() * noise
         loss = F.mse_loss(self.unet(noisy, t).sample, noise)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 

@@ -62,17 +62,25 @@ def pca_basis(feats_bchw: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch
     return mean, v[:, :k]
 
 
+def _project(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    mean, v = basis
+    return (feats_bchw.detach().float().permute(0, 2, 3, 1) - mean) @ v  # (B, h, w, k)
+
+
+def pca_scale(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-component color range: the 99th percentile of |projection|."""
+    return _project(feats_bchw, basis).flatten(0, 2).abs().quantile(0.99, dim=0).clamp_min(1e-6)
+
+
 def pca_colors(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor], size: tuple[int, int],
                scale: torch.Tensor | None = None) -> np.ndarray:
     """Project features on a PCA basis, map the 3 components to RGB -> (B, H, W, 3) uint8.
 
-    The same basis (and scale) applied to two feature sets gives directly comparable colors.
+    The same basis and scale applied to two feature sets give directly comparable colors.
     """
-    mean, v = basis
-    x = feats_bchw.detach().float().permute(0, 2, 3, 1) - mean
-    proj = x @ v  # (B, h, w, 3)
+    proj = _project(feats_bchw, basis)
     if scale is None:
-        scale = proj.flatten(0, 2).abs().quantile(0.99, dim=0).clamp_min(1e-6)
+        scale = pca_scale(feats_bchw, basis)
     rgb = (proj / scale).clamp(-1, 1).add(1).mul(127.5).permute(0, 3, 1, 2)
     rgb = F.interpolate(rgb, size=size, mode="nearest")
     return rgb.round().byte().permute(0, 2, 3, 1).cpu().numpy()

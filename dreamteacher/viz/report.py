@@ -15,7 +15,7 @@ from PIL import Image
 
 from dreamteacher.config import build_config, load_config_file
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
-from dreamteacher.viz.images import activation_heatmap, grid, pca_basis, pca_colors, to_uint8
+from dreamteacher.viz.images import activation_heatmap, grid, pca_basis, pca_colors, pca_scale, to_uint8
 
 REPORT_TIMESTEPS = (25, 50, 150, 400)
 
@@ -110,7 +110,7 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tup
     for t_feat, s_feat in zip(teacher_feats, student_feats):
         target = whiten(resize_to(t_feat, s_feat.shape[-2:]))
         basis = pca_basis(target)
-        scale = ((target.float().permute(0, 2, 3, 1) - basis[0]) @ basis[1]).flatten(0, 2).abs().quantile(0.99, dim=0)
+        scale = pca_scale(target, basis)
         columns.append((pca_colors(target, basis, size, scale), pca_colors(s_feat, basis, size, scale)))
     heatmaps = [activation_heatmap(f, size) for f in backbone_feats]
     rows = []
