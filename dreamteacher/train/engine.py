@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -83,6 +84,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+@rank_zero_only  # one process renames; the others would race it
 def keep_previous_logs(run_dir: Path) -> None:
     """Lightning's CSV logger would delete metrics.csv on resume: keep it as metrics.partN.csv."""
     metrics = Path(run_dir) / "logs" / "metrics.csv"
