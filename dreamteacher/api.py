@@ -76,7 +76,8 @@ def load_teacher(teacher: str | Path, config: Config):
     from dreamteacher.teachers.diffusion import load_diffusion_teacher
 
     e = config.encode
-    return load_diffusion_teacher(teacher, blocks=e.blocks, t=e.t, mode=e.mode, ddim_steps=e.ddim_steps)
+    return load_diffusion_teacher(teacher, blocks=e.blocks, t=e.t, mode=e.mode, ddim_steps=e.ddim_steps,
+                                  adm_head_channels=e.adm_head_channels)
 
 
 def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",

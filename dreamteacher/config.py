@@ -63,6 +63,9 @@ class EncodeConfig:
     blocks: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     mode: str = "stochastic"  # or "ddim": deterministic DDIM inversion to t
     ddim_steps: int = 10  # inversion steps for mode=ddim
+    # channels per attention head of a guided-diffusion .pt teacher: not stored in its weights;
+    # 64 for the released 256x256 and LSUN models
+    adm_head_channels: int = 64
 
 
 @dataclass

@@ -132,7 +132,8 @@ def test_converted_model_runs_as_teacher(tmp_path):
         convert_adm_state_dict(adm_state_dict(model_channels=32, channel_mult=(1, 1, 1)), 64)
     teacher_sd = adm_state_dict(model_channels=64, channel_mult=(1, 1, 2), attention_ds=(4,))
     torch.save(teacher_sd, path)
-    teacher = load_diffusion_teacher(path, blocks=[0, 3, 6], t=20)
+    teacher = load_diffusion_teacher(path, blocks=[0, 3, 6], t=20, adm_head_channels=32)
+    assert teacher.unet.mid_block.attentions[0].heads == 128 // 32
     feats = teacher.encode(torch.zeros(1, 3, 16, 16))
     assert [f.shape[-1] for f in feats] == [16 // s.stride for s in teacher.feature_specs]
     assert teacher.predict_eps(torch.zeros(1, 3, 16, 16), 5).shape[1] == 3  # learned sigma dropped

@@ -231,6 +231,6 @@ def load_unet_and_scheduler(path: str | Path, adm_head_channels: int = 64) -> tu
 
 
 def load_diffusion_teacher(path: str | Path, blocks: list[int], t: int, mode: str = "stochastic",
-                           ddim_steps: int = 10) -> DiffusionTeacher:
-    unet, scheduler = load_unet_and_scheduler(path)
+                           ddim_steps: int = 10, adm_head_channels: int = 64) -> DiffusionTeacher:
+    unet, scheduler = load_unet_and_scheduler(path, adm_head_channels)
     return DiffusionTeacher(unet, scheduler, blocks=blocks, t=t, mode=mode, ddim_steps=ddim_steps)
