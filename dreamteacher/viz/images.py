@@ -67,9 +67,13 @@ def _project(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor])
     return (feats_bchw.detach().float().permute(0, 2, 3, 1) - mean) @ v  # (B, h, w, k)
 
 
+def _range_of(proj: torch.Tensor) -> torch.Tensor:
+    return proj.flatten(0, 2).abs().quantile(0.99, dim=0).clamp_min(1e-6)
+
+
 def pca_scale(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Per-component color range: the 99th percentile of |projection|."""
-    return _project(feats_bchw, basis).flatten(0, 2).abs().quantile(0.99, dim=0).clamp_min(1e-6)
+    return _range_of(_project(feats_bchw, basis))
 
 
 def pca_colors(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor], size: tuple[int, int],
@@ -80,7 +84,7 @@ def pca_colors(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor
     """
     proj = _project(feats_bchw, basis)
     if scale is None:
-        scale = pca_scale(feats_bchw, basis)
+        scale = _range_of(proj)
     rgb = (proj / scale).clamp(-1, 1).add(1).mul(127.5).permute(0, 3, 1, 2)
     rgb = F.interpolate(rgb, size=size, mode="nearest")
     return rgb.round().byte().permute(0, 2, 3, 1).cpu().numpy()
