@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,17 +58,32 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     save_config(config, run_dir / CONFIG_FILE)
     engine.seed_everything(config.trainer.seed)
     tt = config.teacher_train
-    trainer = engine.build_trainer(config, run_dir, tt.max_steps, tt.batch_size, progress)
+    trainer = engine.build_trainer(config.trainer, run_dir, tt.max_steps, tt.batch_size, progress)
     loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size")
     module = TeacherTraining(config)
-    start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=ckpt)
-    seconds = time.perf_counter() - start
     trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    result = RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step,
+                       engine.training_seconds(trainer), _final_loss(trainer), {"teacher": run_dir / "teacher"})
     if trainer.is_global_zero:
         module.save_pipeline(run_dir / "teacher")
-    return RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step, seconds,
-                     _final_loss(trainer), {"teacher": run_dir / "teacher"})
+        _write_summary(result, "train-teacher", epochs=trainer.global_step * tt.batch_size / len(dataset))
+    return result
+
+
+def untrained_teacher(out: str | Path, preset: str | None = None,
+                      overrides: list[str] | dict | None = None, seed: int = 0) -> Path:
+    """The teacher U-Net of `preset` at its random initialization, saved like a trained one: the
+    control that tells whether generative training is what the student learns from."""
+    from dreamteacher.teachers.training import TeacherTraining
+
+    run_dir = Path(out)
+    config = build_config(preset, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    engine.seed_everything(seed)
+    TeacherTraining(config).save_pipeline(run_dir / "teacher")
+    return run_dir / "teacher"
 
 
 def load_teacher(teacher: str | Path, config: Config):
@@ -110,20 +124,35 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
     opt = config.optim
     per_epoch = engine.steps_per_epoch(len(dataset), opt.batch_size)
     total = opt.max_steps if opt.max_steps > 0 else opt.epochs * per_epoch
-    trainer = engine.build_trainer(config, run_dir, total, opt.batch_size, progress)
+    trainer = engine.build_trainer(config.trainer, run_dir, total, opt.batch_size, progress)
     loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size")
     module = DTFeat(config, teacher_model, teacher_path=str(teacher))
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / max(1, opt.epochs))
-    start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=ckpt)
-    seconds = time.perf_counter() - start
     trainer.save_checkpoint(engine.checkpoint_path(run_dir))
-    files = {}
+    result = RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step,
+                       engine.training_seconds(trainer), _final_loss(trainer))
     if trainer.is_global_zero:
-        files["backbone"] = export_backbone(engine.checkpoint_path(run_dir), run_dir / "backbone.safetensors")
-    return RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step, seconds,
-                     _final_loss(trainer), files)
+        result.files["backbone"] = export_backbone(result.checkpoint, run_dir / "backbone.safetensors")
+        _write_summary(result, method, epochs=trainer.global_step / per_epoch)
+    return result
+
+
+SUMMARY_FILE = "run.json"
+
+
+def _write_summary(result: RunResult, method: str, epochs: float) -> None:
+    """`RUN/run.json`: what finished, in how many steps, epochs and seconds (all resumed parts)."""
+    summary = {"method": method, "steps": result.steps, "epochs": round(epochs, 2),
+               "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+               "files": {k: str(v) for k, v in result.files.items()}}
+    (result.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _with(overrides: list[str] | dict | None, extra: dict) -> list[str] | dict | None:

@@ -11,10 +11,13 @@ from pathlib import Path
 from dreamteacher.errors import UserError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from dreamteacher.config import available_presets
+def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
+    if finetune:
+        from dreamteacher.downstream.finetune import available_finetune_presets as presets
+    else:
+        from dreamteacher.config import available_presets as presets
 
-    p.add_argument("--preset", help=f"named preset: {', '.join(available_presets())}")
+    p.add_argument("--preset", help=f"named preset: {', '.join(presets())}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set optim.epochs=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
@@ -50,6 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="pretrain run folder or its checkpoint")
     p.add_argument("--out", help="output .safetensors (default RUN/backbone.safetensors)")
 
+    p = sub.add_parser("finetune", help="fine-tune a segmentation head on an exported (or random) backbone")
+    p.add_argument("--backbone", required=True, help="exported backbone .safetensors, or 'none' for random init")
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--masks", required=True, help="folder of label maps (class ids), same file names")
+    p.add_argument("--split", help="file naming the labeled images to use, one per line (default: all)")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--num-classes", type=int, help="same as --set data.num_classes=N")
+    p.add_argument("--ignore-index", type=int, help="label id to ignore (same as --set data.ignore_index=K)")
+    p.add_argument("--head", choices=["upernet", "readout"], help="same as --set model.head=...")
+    _add_config_args(p, finetune=True)
+
+    p = sub.add_parser("evaluate", help="mIoU and per-class IoU of a fine-tuned run")
+    p.add_argument("run", help="finetune run folder")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--split", help="file naming the images to evaluate (default: all)")
+    p.add_argument("--out", help="also write the scores as JSON here")
+
+    p = sub.add_parser("bench", help="pretrain, fine-tune at every label fraction and seed, tabulate")
+    p.add_argument("recipe", help="recipe name (camvid-cpu, camvid-gpu) or a recipe .yaml")
+    p.add_argument("--out", required=True, help="results folder (results.json/.md/.png; work in OUT/runs)")
+    p.add_argument("--eval-images", help="evaluation images (default: the recipe's, CamVid val/)")
+    p.add_argument("--eval-masks", help="evaluation label maps")
+    p.add_argument("--data-root", help="dataset root the recipe's paths are relative to")
+    p.add_argument("--rows", help="comma-separated methods or method:head to run, e.g. dt-feat,scratch:upernet")
+    p.add_argument("--fractions", help="comma-separated, e.g. 1-30,1-8")
+    p.add_argument("--seeds", help="comma-separated, e.g. 0")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("report", help="HTML report: teacher samples, teacher and student feature maps")
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", help="pretrain run folder")
@@ -73,6 +105,34 @@ def run(args: argparse.Namespace) -> None:
         print(f"backbone: {result.files.get('backbone')} ({result.steps} steps, {result.seconds:.0f} s)")
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out)}")
+    elif args.command == "finetune":
+        from dreamteacher.downstream.finetune import finetune
+
+        flags = {"data.num_classes": args.num_classes, "data.ignore_index": args.ignore_index,
+                 "model.head": args.head}
+        overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+        result = finetune(args.backbone, args.images, args.masks, args.out, args.split, args.preset, overrides,
+                          args.resume, progress)
+        print(f"segmenter: {result.segmenter} ({result.steps} iterations, {result.seconds:.0f} s, "
+              f"backbone {result.init['backbone_init']})")
+    elif args.command == "evaluate":
+        from dreamteacher.downstream.finetune import evaluate
+        from dreamteacher.downstream.metrics import format_iou_table
+
+        result = evaluate(args.run, args.images, args.masks, args.split, out=args.out)
+        print(format_iou_table(result.per_class))
+        print(f"mIoU {result.miou:.2f} | pixel accuracy {result.pixel_accuracy:.2f} | {result.images} images")
+    elif args.command == "bench":
+        from dreamteacher.bench.runner import bench
+
+        def listed(value: str | None) -> list[str] | None:
+            return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+        seeds = [int(s) for s in listed(args.seeds)] if args.seeds else None
+        result = bench(args.recipe, args.out, args.eval_images, args.eval_masks, args.data_root,
+                       listed(args.rows), listed(args.fractions), seeds, progress)
+        print(result.files["md"].read_text())
+        print(f"results: {', '.join(str(p) for p in result.files.values())}")
     elif args.command == "report":
         from dreamteacher.viz.report import write_report
 

@@ -51,6 +51,9 @@ class TeacherTrainConfig:
     max_steps: int = 500_000
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
+    # [height, width] random crop of each image (at data.resolution) per step; [] trains on whole
+    # images. Crops keep the object scale the teacher will encode at, for a fraction of the cost.
+    crop: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -164,19 +167,27 @@ def parse_overrides(pairs: list[str]) -> dict:
 def build_config(preset: str | None = None, overrides: list[str] | dict | None = None,
                  base: dict | None = None) -> Config:
     """Defaults <- `base` (e.g. a saved run config) <- preset file <- overrides, then validated."""
-    resolved = Config().to_dict()
-    if base:
-        _merge(resolved, base)
-    for layer in _preset_chain(preset):
-        _merge(resolved, layer)
-    if overrides:
-        _merge(resolved, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    config = Config(**{name: section_cls(**{key: _coerce(f"{name}.{key}", value, hints[key])
-                                            for key, value in resolved[name].items()})
-                       for name, section_cls in _sections().items()
-                       for hints in [typing.get_type_hints(section_cls)]})
+    config = resolve_sections(Config, [base or {}, *_preset_chain(preset), _as_dict(overrides)])
     validate(config)
     return config
+
+
+def resolve_sections(root_cls: type, layers: list[dict]):
+    """A config dataclass of sections (`root_cls`), its defaults updated by each layer in turn;
+    unknown names are refused and values coerced to the fields' types."""
+    resolved = root_cls().to_dict()
+    for layer in layers:
+        _merge(resolved, layer)
+    return root_cls(**{name: section_cls(**{key: _coerce(f"{name}.{key}", value, hints[key])
+                                            for key, value in resolved[name].items()})
+                       for name, section_cls in _sections(root_cls).items()
+                       for hints in [typing.get_type_hints(section_cls)]})
+
+
+def _as_dict(overrides: list[str] | dict | None) -> dict:
+    if not overrides:
+        return {}
+    return overrides if isinstance(overrides, dict) else parse_overrides(overrides)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -224,8 +235,8 @@ def _preset_chain(preset: str | None) -> list[dict]:
     return chain
 
 
-def _sections() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+def _sections(root_cls: type) -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(root_cls)}  # type: ignore[misc]
 
 
 def validate(config: Config) -> None:
@@ -254,6 +265,10 @@ def validate(config: Config) -> None:
     if any(v % factor for v in res):
         raise UserError(f"data.resolution {res} must be divisible by {factor} "
                         f"(the U-Net halves it {levels - 1} times)")
+    crop = config.teacher_train.crop
+    if crop and not (len(crop) == 2 and all(0 < c <= r and c % factor == 0 for c, r in zip(crop, res))):
+        raise UserError(f"teacher_train.crop must be [height, width] within data.resolution {res} and "
+                        f"divisible by {factor}, got {crop}")
     if any(not 0 <= lvl < levels for lvl in config.diffusion.attention_levels):
         raise UserError(f"diffusion.attention_levels must be in [0, {levels}), got {config.diffusion.attention_levels}")
 

@@ -19,6 +19,13 @@ from dreamteacher.config import Config, DiffusionConfig
 from dreamteacher.teachers.diffusion import default_scheduler
 
 
+def random_crops(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One independent random height x width crop per image of the batch."""
+    h, w = images.shape[-2:]
+    tops = torch.randint(0, h - height + 1, (len(images),)).tolist()
+    lefts = torch.randint(0, w - width + 1, (len(images),)).tolist()
+    return torch.stack([img[:, y:y + height, x:x + width] for img, y, x in zip(images, tops, lefts)])
+
 
 def build_unet(cfg: DiffusionConfig, resolution: list[int]) -> UNet2DModel:
     attention = set(cfg.attention_levels)
@@ -49,6 +56,8 @@ class TeacherTraining(L.LightningModule):
         self.total_steps = config.teacher_train.max_steps
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.config.teacher_train.crop:
+            images = random_crops(images, *self.config.teacher_train.crop)
         noise = torch.randn_like(images)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
         alphas = self.noise_scheduler.alphas_cumprod.to(images.device)[t].view(-1, 1, 1, 1)

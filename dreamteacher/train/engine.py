@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dreamteacher.config import Config
+from dreamteacher.config import TrainerConfig
 from dreamteacher.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -35,19 +35,34 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 class StepProgress(Callback):
     """One progress bar over the whole run (not per epoch) with loss and images/s of all processes;
-    images/s also goes to the logs. Time between batch ends, so data loading is included."""
+    images/s also goes to the logs. Time between batch ends, so data loading is included.
+
+    Also the run's training wall-clock, kept in its checkpoints so that it adds up over resumes.
+    """
 
     def __init__(self, global_batch: int, show: bool = True):
         self.global_batch, self.show = global_batch, show
         self._last: float | None = None
         self._rate: float | None = None
         self._bar: tqdm | None = None
+        self.seconds_before = 0.0  # training time of earlier (resumed) parts
+        self._start: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds_before = float(state.get("seconds", 0.0))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.show and trainer.is_global_zero:
             self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr)
-        self._last = time.perf_counter()
+        self._last = self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -61,6 +76,7 @@ class StepProgress(Callback):
             self._bar.update(trainer.global_step - self._bar.n)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds_before, self._start = self.seconds, None
         if self._bar is not None:
             self._bar.close()
 
@@ -93,9 +109,13 @@ def keep_previous_logs(run_dir: Path) -> None:
         metrics.rename(metrics.with_name(f"metrics.part{part}.csv"))
 
 
-def build_trainer(config: Config, run_dir: Path, max_steps: int, global_batch: int,
+def training_seconds(trainer: L.Trainer) -> float:
+    """Wall-clock of the run's training over all its parts (resumes included)."""
+    return next(cb.seconds for cb in trainer.callbacks if isinstance(cb, StepProgress))
+
+
+def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch: int,
                   progress: bool = True) -> L.Trainer:
-    t = config.trainer
     keep_previous_logs(run_dir)
     ckpt_cb = ModelCheckpoint(dirpath=Path(run_dir) / CHECKPOINT_DIR, save_last=True, save_top_k=0,
                               every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_on_train_epoch_end=False)

@@ -1,0 +1,136 @@
+"""Benchmark tables: results.json (every cell), results.md (Table 14 of DreamTeacher: mean and spread
+over seeds per method and label fraction) and results.png (mIoU against labeled images, Fig. 2 of the
+denoising-pretraining paper)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+FRACTION_ORDER = ("1-30", "1-8", "1-4", "full")
+FRACTION_LABEL = {"1-30": "1/30", "1-8": "1/8", "1-4": "1/4", "full": "all"}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (method, head, fraction): mean, sample std and count of mIoU over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["head"], row["fraction"]), []).append(row)
+    out = []
+    for (method, head, fraction), cells in groups.items():
+        values = [c["miou"] for c in cells]
+        out.append({"method": method, "head": head, "fraction": fraction, "labeled": cells[0]["labeled"],
+                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "seeds": sorted(c["seed"] for c in cells), "pretrain_seconds": cells[0]["pretrain_seconds"],
+                    "pretrain_epochs": cells[0]["pretrain_epochs"]})
+    return out
+
+
+def _row_keys(summary: list[dict]) -> list[tuple[str, str]]:
+    keys: list[tuple[str, str]] = []
+    for s in summary:
+        if (s["method"], s["head"]) not in keys:
+            keys.append((s["method"], s["head"]))
+    return keys
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds else "-"
+
+
+def markdown_table(meta: dict, rows: list[dict]) -> str:
+    summary = summarize(rows)
+    fractions = [f for f in FRACTION_ORDER if any(s["fraction"] == f for s in summary)]
+    labeled = {s["fraction"]: s["labeled"] for s in summary}
+    by_key = {(s["method"], s["head"], s["fraction"]): s for s in summary}
+    pre, fine = meta["pretrain"], meta["finetune"]
+    lines = [
+        f"# Benchmark `{meta['recipe']}`",
+        "",
+        f"- Data: unlabeled pretraining images `{meta['data']['unlabeled']}/` of `{meta['data']['root']}`; "
+        f"fine-tuning labels from the splits {', '.join(f'`{v}`' for v in meta['data']['splits'].values())}; "
+        f"evaluation on `{meta['data']['eval_images']}` (mIoU over classes, at label resolution).",
+        f"- Resolution: {meta['image_size'][0]}x{meta['image_size'][1]} (pretraining "
+        f"{pre['resolution'][0]}x{pre['resolution'][1]}); backbone {meta['backbone']}.",
+        f"- Pretraining (`{pre['preset']}` preset): teacher {pre['teacher_steps']} steps"
+        + (f" on {pre['teacher_crop'][0]}x{pre['teacher_crop'][1]} crops" if pre.get("teacher_crop") else "")
+        + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}.",
+        f"- Fine-tuning (`{fine['preset']}` preset): iterations per fraction {fine['iterations']}, batch "
+        f"{fine['batch_size']}, {fine['optimizer']} lr {fine['lr']}, UperNet width {fine['decoder_channels']}; "
+        f"seeds per fraction {meta['seeds']}.",
+        f"- Machine: {meta['machine']['cpus']} CPU threads"
+        + (f", {meta['machine']['cuda']}" if meta['machine'].get('cuda') else ", no GPU")
+        + f", torch {meta['machine']['torch']}.",
+        "",
+        "mIoU (0-100), mean ± sample std over seeds (number of seeds in brackets). `upernet` fine-tunes the "
+        "whole network; `readout` trains a linear 1x1 conv on the frozen backbone.",
+        "",
+        "| method | head | pretrain wall-clock | pretrain epochs | "
+        + " | ".join(f"{FRACTION_LABEL[f]} ({labeled[f]} img)" for f in fractions) + " |",
+        "|---|---|---|---|" + "---|" * len(fractions),
+    ]
+    for method, head in _row_keys(summary):
+        cells = []
+        for f in fractions:
+            s = by_key.get((method, head, f))
+            cells.append("" if s is None else f"{s['mean']:.1f} ± {s['std']:.1f} ({len(s['seeds'])})")
+        first = next(s for s in summary if (s["method"], s["head"]) == (method, head))
+        lines.append(f"| {method} | {head} | {_minutes(first['pretrain_seconds'])} | "
+                     f"{first['pretrain_epochs'] or '-'} | " + " | ".join(cells) + " |")
+    names = meta.get("class_names")
+    if names and rows:
+        lines += ["", f"Per-class IoU at {FRACTION_LABEL[fractions[0]]} of the labels (mean over seeds):", "",
+                  "| method | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for method, head in _row_keys(summary):
+            cells = [r for r in rows if (r["method"], r["head"], r["fraction"]) == (method, head, fractions[0])]
+            if not cells:
+                continue
+            means = [_mean_present([c["per_class"][i] for c in cells]) for i in range(len(names))]
+            lines.append(f"| {method} | {head} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.1f}" for v in means)
+                         + " |")
+    lines += ["", f"Regenerate: `dreamteacher bench {meta['recipe']} --out DIR` (finished cells are reused)."]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_present(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(present) if present else math.nan
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for method, head in _row_keys(summary):
+        points = sorted((s for s in summary if (s["method"], s["head"]) == (method, head)), key=lambda s: s["labeled"])
+        ax.errorbar([p["labeled"] for p in points], [p["mean"] for p in points], yerr=[p["std"] for p in points],
+                    marker="o", capsize=3, linestyle="-" if head != "readout" else "--", label=f"{method} ({head})")
+    ax.set_xscale("log")
+    ax.set_xlabel("labeled training images")
+    ax.set_ylabel("mIoU")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> dict[str, Path]:
+    files = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    payload = {**meta, "rows": rows, "summary": summarize(rows)}
+    for key, text in (("json", json.dumps(payload, indent=2)), ("md", markdown_table(meta, rows))):
+        tmp = files[key].with_name(files[key].name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(files[key])
+    if rows:
+        plot(rows, files["png"], f"{meta['recipe']}: {meta['backbone']}, {meta['image_size'][0]}x{meta['image_size'][1]}")
+    return files

@@ -1,0 +1,356 @@
+"""`dreamteacher bench RECIPE`: pretrain every row's backbone, fine-tune it at every label fraction and
+seed, evaluate, and tabulate.
+
+Work lives under `OUT/runs/`: one folder per pretraining stage and per fine-tuning cell, each with a
+`stage.json` that records the hash of its inputs. A stage whose inputs are unchanged is reused; one
+whose inputs changed is redone; a half-finished one resumes from its checkpoint. So a killed bench
+simply continues, and editing the recipe recomputes exactly what it touches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from dreamteacher.errors import UserError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+FRACTIONS = ("1-30", "1-8", "1-4", "full")
+STAGE_FILE = "stage.json"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(recipe: str | Path) -> dict:
+    path = Path(recipe)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown recipe '{recipe}'; choose one of {', '.join(available_recipes())} "
+                            "or give a recipe .yaml path")
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    for key in ("name", "data", "rows", "iterations", "seeds"):
+        if key not in spec:
+            raise UserError(f"recipe {path}: missing '{key}'")
+    return spec
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def folder_fingerprint(folder: Path) -> list:
+    """Names and sizes of a folder's files: changes when images are added, removed or replaced."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class Stage:
+    """A unit of cached work: `run(folder, resume)` -> summary dict (must hold `seconds`)."""
+    folder: Path
+    key: str
+    run: Callable[[Path, bool], dict]
+
+    def result(self, allow_run: bool = True) -> dict | None:
+        """The cached summary when the inputs are unchanged; else (re)computes it, or None when
+        `allow_run` is off."""
+        marker = self.folder / STAGE_FILE
+        if marker.is_file():
+            saved = json.loads(marker.read_text())
+            if saved.get("key") == self.key and saved.get("done"):
+                return saved
+        if not allow_run:
+            return None
+        started = self.folder / "stage-inputs.json"
+        resume = started.is_file() and json.loads(started.read_text()).get("key") == self.key
+        if self.folder.exists() and not resume:
+            shutil.rmtree(self.folder)  # inputs changed: its work is stale
+        self.folder.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"key": self.key}))
+        summary = {**self.run(self.folder, resume), "key": self.key, "done": True}
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(marker)
+        return summary
+
+
+@dataclass
+class Bench:
+    spec: dict
+    out: Path
+    data_root: Path
+    eval_images: Path
+    eval_masks: Path
+    progress: bool = True
+    log: Callable[[str], None] = print
+    _stages: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    def path(self, key: str) -> Path:
+        path = self.data_root / self.spec["data"][key]
+        if not path.exists():
+            raise UserError(f"recipe data '{key}' not found: {path} (set --data-root)")
+        return path
+
+    # ---------------------------------------------------------------- pretraining stages
+    def pretrain_config(self) -> tuple[str | None, dict]:
+        return self.spec.get("pretrain_preset"), self.spec.get("pretrain_overrides") or {}
+
+    def teacher_stage(self, trained: bool, allow_run: bool) -> dict | None:
+        from dreamteacher import api
+        from dreamteacher.config import build_config
+
+        name = "teacher" if trained else "teacher-untrained"
+        if name in self._stages:
+            return self._stages[name]
+        preset, overrides = self.pretrain_config()
+        config = build_config(preset, overrides).to_dict()
+        unlabeled = self.path("unlabeled")
+        if trained:
+            key = digest(name, config["data"], config["diffusion"], config["teacher_train"], config["trainer"]["seed"],
+                         folder_fingerprint(unlabeled))
+
+            def run(folder: Path, resume: bool) -> dict:
+                self.log(f"[bench] training the teacher in {folder}")
+                result = api.train_teacher(unlabeled, folder, preset, overrides, resume=resume, progress=self.progress)
+                summary = api.read_summary(folder) or {}
+                return {"teacher": str(folder / "teacher"), "seconds": result.seconds, "steps": result.steps,
+                        "epochs": summary.get("epochs")}
+        else:
+            key = digest(name, config["data"]["resolution"], config["diffusion"], config["trainer"]["seed"])
+
+            def run(folder: Path, resume: bool) -> dict:
+                start = time.perf_counter()
+                path = api.untrained_teacher(folder, preset, overrides, seed=config["trainer"]["seed"])
+                return {"teacher": str(path), "seconds": time.perf_counter() - start, "steps": 0, "epochs": 0}
+        result = Stage(self.runs / name, key, run).result(allow_run)
+        if result is not None:
+            self._stages[name] = result
+        return result
+
+    def backbone_stage(self, method: str, allow_run: bool = True) -> dict | None:
+        """{backbone, key, pretrain_seconds, pretrain_epochs, stages} of a row's method; SCRATCH for
+        `scratch`; None when not computed and `allow_run` is off."""
+        if method == "scratch":
+            return SCRATCH
+        if method in self._stages:
+            return self._stages[method]
+        builder = PRETRAINERS.get(method)
+        if builder is None:
+            raise UserError(f"recipe row method '{method}' is unknown; available: scratch, {', '.join(PRETRAINERS)}")
+        result = builder(self, allow_run)
+        if result is not None:
+            self._stages[method] = result
+        return result
+
+    def distill_stage(self, method: str, teacher: dict | None, allow_run: bool) -> dict | None:
+        if teacher is None:
+            return None
+        from dreamteacher import api
+        from dreamteacher.config import build_config
+
+        preset, overrides = self.pretrain_config()
+        config = build_config(preset, overrides).to_dict()
+        unlabeled = self.path("unlabeled")
+        key = digest(method, teacher["key"], config, folder_fingerprint(unlabeled))
+
+        def run(folder: Path, resume: bool) -> dict:
+            self.log(f"[bench] pretraining '{method}' in {folder}")
+            result = api.pretrain(unlabeled, folder, teacher=teacher["teacher"], method="dt-feat", preset=preset,
+                                  overrides=overrides, resume=resume, progress=self.progress)
+            summary = api.read_summary(folder) or {}
+            return {"backbone": str(result.files["backbone"]), "seconds": result.seconds, "steps": result.steps,
+                    "epochs": summary.get("epochs")}
+
+        student = Stage(self.runs / f"pretrain-{method}", key, run).result(allow_run)
+        if student is None:
+            return None
+        return {"backbone": student["backbone"], "key": student["key"],
+                "pretrain_seconds": round(teacher["seconds"] + student["seconds"], 1),
+                "pretrain_epochs": student["epochs"],
+                "stages": {"teacher": {k: teacher[k] for k in ("seconds", "steps", "epochs")},
+                           "student": {k: student[k] for k in ("seconds", "steps", "epochs")}}}
+
+    # ---------------------------------------------------------------- fine-tuning cells
+    def cell(self, row: dict, fraction: str, seed: int, backbone: dict, allow_run: bool = True) -> dict | None:
+        from dreamteacher.downstream.finetune import build_finetune_config, evaluate, finetune
+
+        method, head = row["method"], row.get("head", "upernet")
+        iterations = row.get("iterations", self.spec["iterations"][fraction])
+        if isinstance(iterations, dict):
+            iterations = iterations[fraction]
+        preset = self.spec.get("finetune_preset")
+        overrides = _deep_merge(self.spec.get("finetune_overrides") or {}, row.get("finetune_overrides") or {},
+                                {"model": {"head": head}, "optim": {"iterations": iterations},
+                                 "trainer": {"seed": seed}})
+        config = build_finetune_config(preset, overrides)
+        split = self.data_root / self.spec["data"]["splits"][fraction]
+        images, masks = self.path("images"), self.path("masks")
+        key = digest(method, head, fraction, seed, backbone["key"], config.to_dict(),
+                     split.read_text() if split.is_file() else str(split), folder_fingerprint(masks))
+        folder = self.runs / "cells" / f"{method}--{head}" / f"{fraction}-seed{seed}"
+
+        def run(folder: Path, resume: bool) -> dict:
+            self.log(f"[bench] fine-tuning {method} / {head} on {fraction} of the labels, seed {seed}")
+            result = finetune(backbone["backbone"], images, masks, folder, split=split,
+                              preset=preset, overrides=overrides, resume=resume, progress=self.progress)
+            info = json.loads((folder / "segmenter.json").read_text())
+            return {"seconds": result.seconds, "iterations": result.steps, "labeled": info["labeled_images"]}
+
+        trained = Stage(folder, key, run).result(allow_run)
+        if trained is None:
+            return None
+        eval_key = digest(trained["key"], str(self.eval_images), folder_fingerprint(self.eval_masks))
+        eval_path = folder / f"eval-{eval_key}.json"
+        if eval_path.is_file():
+            scores = json.loads(eval_path.read_text())
+        elif not allow_run:
+            return None
+        else:
+            self.log(f"[bench] evaluating {method} / {head} {fraction} seed {seed} on {self.eval_images}")
+            scores = evaluate(folder, self.eval_images, self.eval_masks).to_dict()
+            tmp = eval_path.with_name(eval_path.name + ".tmp")
+            tmp.write_text(json.dumps(scores))
+            tmp.replace(eval_path)
+        return {"method": method, "head": head, "fraction": fraction, "labeled": trained["labeled"], "seed": seed,
+                "miou": round(scores["miou"], 2), "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
+                "pixel_accuracy": round(scores["pixel_accuracy"], 2),
+                "pretrain_seconds": backbone["pretrain_seconds"], "pretrain_epochs": backbone["pretrain_epochs"],
+                "pretrain_stages": backbone["stages"],
+                "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1)}
+
+
+SCRATCH = {"backbone": None, "key": "scratch", "pretrain_seconds": 0.0, "pretrain_epochs": 0, "stages": {}}
+
+
+def _dt_feat(bench: Bench, allow_run: bool) -> dict | None:
+    return bench.distill_stage("dt-feat", bench.teacher_stage(True, allow_run), allow_run)
+
+
+def _dt_feat_untrained(bench: Bench, allow_run: bool) -> dict | None:
+    return bench.distill_stage("dt-feat-untrained", bench.teacher_stage(False, allow_run), allow_run)
+
+
+# method name (as used across the project's tables) -> how its backbone is pretrained
+PRETRAINERS: dict[str, Callable[[Bench, bool], dict | None]] = {"dt-feat": _dt_feat, "dt-feat-untrained": _dt_feat_untrained}
+
+
+def _deep_merge(*layers: dict) -> dict:
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = _deep_merge(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def _select(values: list[str], chosen: list[str] | None, what: str) -> list[str]:
+    if not chosen:
+        return values
+    unknown = [c for c in chosen if c not in values]
+    if unknown:
+        raise UserError(f"--{what}: {', '.join(unknown)} not in the recipe (it has {', '.join(values)})")
+    return [v for v in values if v in chosen]
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    rows: list[dict]
+    files: dict[str, Path]
+
+
+def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = None,
+          eval_masks: str | Path | None = None, data_root: str | Path | None = None,
+          rows: list[str] | None = None, fractions: list[str] | None = None, seeds: list[int] | None = None,
+          progress: bool = True) -> BenchResult:
+    """Run (or continue) every selected cell of `recipe`; write OUT/results.{json,md,png}.
+
+    `rows` selects by method (`dt-feat`) or method:head (`dt-feat:readout`). The results files always
+    cover every finished cell of the recipe, including cells from earlier invocations.
+    """
+    from dreamteacher.bench.report import write_results
+
+    spec = load_recipe(recipe)
+    out = Path(out)
+    root = Path(data_root) if data_root else Path(spec["data"]["root"])
+    if not root.is_dir():
+        raise UserError(f"recipe data root not found: {root} (set --data-root)")
+    if (eval_images is None) != (eval_masks is None):
+        raise UserError("--eval-images and --eval-masks go together")
+    bench_ = Bench(spec, out, root, Path(eval_images) if eval_images else root / spec["data"]["eval_images"],
+                   Path(eval_masks) if eval_masks else root / spec["data"]["eval_masks"], progress)
+    for folder in (bench_.eval_images, bench_.eval_masks):
+        if not folder.is_dir():
+            raise UserError(f"evaluation folder not found: {folder}")
+    row_ids = [f"{r['method']}:{r.get('head', 'upernet')}" for r in spec["rows"]]
+    wanted_rows = [r for r, rid in zip(spec["rows"], row_ids)
+                   if not rows or rid in rows or r["method"] in rows]
+    if rows and not wanted_rows:
+        raise UserError(f"--rows {','.join(rows)} matches no recipe row (it has {', '.join(row_ids)})")
+    wanted_fractions = _select([f for f in FRACTIONS if f in spec["data"]["splits"]], fractions, "fractions")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: list[dict] = []
+    for row in spec["rows"]:
+        selected = row in wanted_rows
+        backbone = bench_.backbone_stage(row["method"], allow_run=selected)
+        for fraction in FRACTIONS:
+            if fraction not in spec["data"]["splits"]:
+                continue
+            row_seeds = row.get("seeds", spec["seeds"][fraction])
+            if isinstance(row_seeds, dict):
+                row_seeds = row_seeds[fraction]
+            for seed in row_seeds:
+                run_now = selected and fraction in wanted_fractions and (not seeds or seed in seeds)
+                # cells not asked for are still reported when an earlier invocation finished them
+                cell = bench_.cell(row, fraction, seed, backbone, allow_run=run_now) if backbone else None
+                if cell is not None:
+                    results.append(cell)
+    meta = _bench_meta(spec, bench_, root, time.perf_counter() - started)
+    files = write_results(out, meta, results)
+    return BenchResult(out, results, files)
+
+
+def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
+    from dreamteacher.config import build_config
+    from dreamteacher.downstream.finetune import build_finetune_config
+
+    pre = build_config(spec.get("pretrain_preset"), spec.get("pretrain_overrides") or {})
+    fine = build_finetune_config(spec.get("finetune_preset"), spec.get("finetune_overrides") or {})
+    return {
+        "recipe": spec["name"], "image_size": fine.data.resolution, "backbone": fine.model.backbone,
+        "data": {"root": str(root), "unlabeled": spec["data"]["unlabeled"], "eval_images": str(bench_.eval_images),
+                 "eval_masks": str(bench_.eval_masks), "splits": spec["data"]["splits"]},
+        "class_names": spec["data"].get("class_names"),
+        "pretrain": {"preset": spec.get("pretrain_preset"), "resolution": pre.data.resolution,
+                     "student": pre.student.backbone, "teacher_steps": pre.teacher_train.max_steps,
+                     "teacher_crop": pre.teacher_train.crop, "epochs": pre.optim.epochs, "t": pre.encode.t,
+                     "blocks": pre.encode.blocks},
+        "finetune": {"preset": spec.get("finetune_preset"), "iterations": spec["iterations"],
+                     "batch_size": fine.optim.batch_size, "optimizer": fine.optim.name, "lr": fine.optim.lr,
+                     "decoder_channels": fine.model.decoder_channels},
+        "seeds": spec["seeds"],
+        "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "bench_seconds_this_invocation": round(seconds, 1),
+    }

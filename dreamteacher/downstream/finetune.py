@@ -1,0 +1,278 @@
+"""Label-efficient semantic segmentation: fine-tune a head on an exported (or random) backbone, evaluate.
+
+Defaults are the paper's (DreamTeacher F.3, from MMSegmentation's UperNet): SGD lr 0.01, momentum
+0.9, weight decay 5e-4, poly schedule (power 0.9), 20k iterations on label subsets, random rescale
+0.5-2.0, crop and flip. Presets in `dreamteacher/configs/finetune/` scale it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torch.utils.data import Dataset
+
+from dreamteacher.config import TrainerConfig, load_config_file, resolve_sections, save_config
+from dreamteacher.downstream.data import SegmentationData
+from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from dreamteacher.downstream.models import HEADS, Segmenter, load_segmenter, read_backbone_export, save_segmenter
+from dreamteacher.errors import UserError
+from dreamteacher.train import engine
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+
+
+@dataclass
+class SegDataConfig:
+    resolution: list[int] = field(default_factory=lambda: [512, 512])  # [height, width] of training crops
+    num_classes: int = 0  # must be set (e.g. --num-classes 19)
+    ignore_index: int = 255  # label id excluded from the loss and from mIoU
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: bool = True
+    num_workers: int = 4
+
+
+@dataclass
+class SegModelConfig:
+    head: str = "upernet"  # or "readout": frozen backbone + linear 1x1 conv
+    backbone: str = "resnet50"  # timm name, used with `--backbone none` (an export names its own model)
+    decoder_channels: int = 512  # UperNet width (MMSegmentation's default)
+
+
+@dataclass
+class SegOptimConfig:
+    name: str = "sgd"  # "sgd" (momentum) or "adamw"
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD momentum; AdamW uses betas (0.9, 0.999)
+    weight_decay: float = 5e-4
+    schedule: str = "poly"  # or "cosine"
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    iterations: int = 20000
+    batch_size: int = 16  # global
+
+
+@dataclass
+class FinetuneConfig:
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_finetune_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def build_finetune_config(preset: str | None = None, overrides: list[str] | dict | None = None,
+                          base: dict | None = None) -> FinetuneConfig:
+    from dreamteacher.config import _as_dict
+
+    layers = [base or {}]
+    if preset:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown finetune preset '{preset}'; choose one of: "
+                            f"{', '.join(available_finetune_presets())}")
+        layers.append(load_config_file(path))
+    layers.append(_as_dict(overrides))
+    config = resolve_sections(FinetuneConfig, layers)
+    validate_finetune(config)
+    return config
+
+
+def validate_finetune(config: FinetuneConfig) -> None:
+    d, m, o = config.data, config.model, config.optim
+    if d.num_classes < 1:
+        raise UserError("data.num_classes must be set (--num-classes N)")
+    if len(d.resolution) != 2 or any(v < 32 or v % 32 for v in d.resolution):
+        raise UserError(f"data.resolution must be [height, width], multiples of 32, got {d.resolution}")
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise UserError(f"data.scale_range must be [low, high] with 0 < low <= high, got {d.scale_range}")
+    if m.head not in HEADS:
+        raise UserError(f"model.head must be one of {', '.join(HEADS)}, got '{m.head}'")
+    if o.name not in ("sgd", "adamw"):
+        raise UserError(f"optim.name must be 'sgd' or 'adamw', got '{o.name}'")
+    if o.schedule not in ("poly", "cosine"):
+        raise UserError(f"optim.schedule must be 'poly' or 'cosine', got '{o.schedule}'")
+    if o.iterations < 1 or o.batch_size < 1:
+        raise UserError("optim.iterations and optim.batch_size must be positive")
+
+
+def lr_factor(schedule: str, total: int, warmup: int, power: float = 0.9):
+    """Linear warmup, then poly (1 - p)^power or cosine decay, per iteration."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "poly":
+            return (1.0 - progress) ** power
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Repeated(Dataset):
+    """A small labeled set repeated to `length` draws, so a fixed-iteration run is one epoch."""
+
+    def __init__(self, dataset: Dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+
+class SegmentationTraining(L.LightningModule):
+    """(images, masks) -> cross-entropy with the ignore index."""
+
+    def __init__(self, config: FinetuneConfig, init: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        self.save_hyperparameters({"method": "finetune", "config": config.to_dict(), "init": init})
+        m = config.model
+        self.model = Segmenter(m.head, init["backbone"], config.data.num_classes, m.decoder_channels)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Lightning sets submodule modes by attribute, bypassing LinearReadout.train, which keeps a
+        # frozen backbone (and its BatchNorm statistics) in eval mode: apply it again
+        self.model.train()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, masks = batch
+        loss = F.cross_entropy(self.model(images), masks, ignore_index=self.config.data.ignore_index)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        # timm's factory: no weight decay on biases and norm weights; frozen parameters left out
+        if o.name == "sgd":
+            optimizer = create_optimizer_v2(self.model, opt="momentum", lr=o.lr, weight_decay=o.weight_decay,
+                                            momentum=o.momentum)
+        else:
+            optimizer = create_optimizer_v2(self.model, opt="adamw", lr=o.lr, weight_decay=o.weight_decay)
+        factor = lr_factor(o.schedule, o.iterations, o.warmup_iters, o.poly_power)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    segmenter: Path
+    steps: int
+    seconds: float
+    final_loss: float | None
+    init: dict[str, Any]
+
+
+def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path, out: str | Path,
+             split: str | Path | None = None, preset: str | None = None,
+             overrides: list[str] | dict | None = None, resume: bool = False,
+             progress: bool = True) -> FinetuneResult:
+    """Train a segmentation head on the labeled images of `split` (all images if None), its backbone
+    initialized from an exported backbone file, or randomly when `backbone` is None / "none".
+
+    Writes `out/segmenter.safetensors` + `segmenter.json` (what `evaluate` reads), checkpoints, logs,
+    the resolved config and `run.json`.
+    """
+    run_dir = Path(out)
+    saved = run_dir / "config.yaml"
+    base = load_config_file(saved) if resume and saved.is_file() else None
+    config = build_finetune_config(None if base else preset, overrides, base)
+    weights = None
+    if backbone is None or str(backbone).lower() == "none":
+        init = {"backbone": config.model.backbone, "backbone_init": "random", "source": None}
+    else:
+        name, weights, meta = read_backbone_export(backbone)
+        init = {"backbone": name, "backbone_init": "pretrained", "source": str(Path(backbone).resolve()),
+                "pretrain_method": meta.get("method", "")}
+    d = config.data
+    train_set = SegmentationData(images, masks, split, d.resolution, d.num_classes, d.ignore_index,
+                                 augment=True, scale_range=tuple(d.scale_range), hflip=d.hflip)
+    ckpt = engine.prepare_run_dir(run_dir, resume)
+    save_config(config, saved)
+    engine.seed_everything(config.trainer.seed)
+    o = config.optim
+    trainer = engine.build_trainer(config.trainer, run_dir, o.iterations, o.batch_size, progress)
+    loader = engine.make_loader(Repeated(train_set, o.iterations * o.batch_size), o.batch_size, trainer,
+                                d.num_workers, "optim.batch_size")
+    module = SegmentationTraining(config, init)
+    if weights is not None and ckpt is None:
+        module.model.load_backbone(weights, str(backbone))
+    trainer.fit(module, loader, ckpt_path=ckpt)
+    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    loss = trainer.callback_metrics.get("train/loss")
+    result = FinetuneResult(run_dir, run_dir / "segmenter.safetensors", trainer.global_step,
+                            engine.training_seconds(trainer), float(loss) if loss is not None else None, init)
+    if trainer.is_global_zero:
+        info = {**init, "head": config.model.head, "num_classes": d.num_classes, "ignore_index": d.ignore_index,
+                "resolution": d.resolution, "decoder_channels": config.model.decoder_channels,
+                "labeled_images": len(train_set), "split": str(split) if split else None,
+                "iterations": trainer.global_step, "seconds": round(result.seconds, 1)}
+        save_segmenter(module.model, run_dir, info)
+        (run_dir / "run.json").write_text(json.dumps({"method": "finetune", **info}, indent=2))
+    return result
+
+
+@dataclass
+class EvalResult:
+    miou: float
+    per_class: list[float]
+    pixel_accuracy: float
+    images: int
+    confusion: list[list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def crop_box(full_h: int, full_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The region of a full-size label map that `resize_center_crop` to height x width shows:
+    (top, left, rows, cols) in full-size pixels."""
+    scale = max(height / full_h, width / full_w)
+    rows, cols = min(full_h, round(height / scale)), min(full_w, round(width / scale))
+    return (full_h - rows) // 2, (full_w - cols) // 2, rows, cols
+
+
+@torch.no_grad()
+def evaluate(run: str | Path, images: str | Path, masks: str | Path, split: str | Path | None = None,
+             batch_size: int = 8, out: str | Path | None = None) -> EvalResult:
+    """mIoU of a fine-tuned run on an image/mask folder pair, against the labels at their own
+    resolution (predictions are made at the run's resolution and upsampled bilinearly as logits)."""
+    model, info = load_segmenter(run)
+    data = SegmentationData(images, masks, split, info["resolution"], info["num_classes"], info["ignore_index"],
+                            full_masks=True)
+    num_classes, ignore = info["num_classes"], info["ignore_index"]
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for start in range(0, len(data), batch_size):
+        indices = range(start, min(start + batch_size, len(data)))
+        batch = torch.stack([data[i][0] for i in indices])
+        logits = model(batch)
+        for row, i in enumerate(indices):
+            full = data.full_masks[i]
+            top, left, rows, cols = crop_box(*full.shape, *info["resolution"])
+            target = full[top:top + rows, left:left + cols]
+            up = F.interpolate(logits[row:row + 1], size=(rows, cols), mode="bilinear", align_corners=False)
+            confusion += confusion_matrix(up.argmax(1)[0], target, num_classes, ignore)
+    per_class = iou_per_class(confusion)
+    result = EvalResult(mean_iou(per_class), per_class, pixel_accuracy(confusion), len(data), confusion.tolist())
+    if out is not None:
+        Path(out).write_text(json.dumps(result.to_dict(), indent=2))
+    return result

@@ -1,0 +1,137 @@
+"""Downstream segmentation models on a (pretrained or random) timm backbone.
+
+- `upernet`: segmentation_models_pytorch's UPerNet on the `tu-<name>` timm encoder, the paper's
+  downstream model (DreamTeacher F.3). The encoder is created with timm's `feature_cls="getter"`, so the
+  timm model sits intact at `net.encoder.model.model` and an export loads into it by its own key names.
+- `readout`: a frozen backbone and one 1x1 conv on its four levels (strides 4-32) upsampled to stride 4
+  and concatenated (the segmentation readout of DreamTeacher Table 12, linear here).
+
+Both take images in [0, 1] and return logits at the input size; the timm model's own mean/std is
+applied inside, as in pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from dreamteacher.errors import UserError
+from dreamteacher.students.backbone import Backbone, check_backbone_name
+
+HEADS = ("upernet", "readout")
+
+
+def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """An exported backbone -> (timm model name, weights under timm keys, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"backbone file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(str(path))
+    except Exception:  # noqa: BLE001 - any unreadable file: one message
+        raise UserError(f"{path}: not a safetensors backbone export") from None
+    if meta.get("format") != "timm" or "model" not in meta:
+        raise UserError(f"{path}: not a dreamteacher backbone export (make one with `dreamteacher export RUN`)")
+    return meta["model"], weights, meta
+
+
+def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load, except the classifier-head keys an export carries and a feature model has pruned."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "classifier."))]
+    if missing or unexpected:
+        raise UserError(f"{source}: backbone weights do not fit the model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+class Segmenter(nn.Module):
+    """Wraps a head (`upernet` or `readout`) with the input normalization of its timm backbone."""
+
+    def __init__(self, head: str, backbone: str, num_classes: int, decoder_channels: int = 512):
+        super().__init__()
+        if head not in HEADS:
+            raise UserError(f"model.head must be one of {', '.join(HEADS)}, got '{head}'")
+        check_backbone_name(backbone)
+        self.head, self.backbone_name = head, backbone
+        if head == "upernet":
+            import segmentation_models_pytorch as smp
+
+            self.net = smp.UPerNet(encoder_name=f"tu-{backbone}", encoder_weights=None, classes=num_classes,
+                                   decoder_channels=decoder_channels, feature_cls="getter")
+        else:
+            self.net = LinearReadout(backbone, num_classes)
+        cfg = timm.get_pretrained_cfg(backbone)
+        mean = cfg.mean if cfg and cfg.mean else (0.485, 0.456, 0.406)
+        std = cfg.std if cfg and cfg.std else (0.229, 0.224, 0.225)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def backbone_model(self) -> nn.Module:
+        """The timm model (its own key names) inside the head."""
+        if self.head == "upernet":
+            return self.net.encoder.model.model
+        return self.net.backbone.features.model
+
+    def load_backbone(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        load_timm_weights(self.backbone_model(), weights, source)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images - self.mean) / self.std)
+
+
+class LinearReadout(nn.Module):
+    """Frozen backbone (eval mode, also its BatchNorm statistics) -> BN without affine -> 1x1 conv."""
+
+    def __init__(self, backbone: str, num_classes: int):
+        super().__init__()
+        self.backbone = Backbone(backbone)
+        self.backbone.requires_grad_(False)
+        channels = sum(self.backbone.channels)
+        self.norm = nn.BatchNorm2d(channels, affine=False)  # per-channel scaling: still a linear readout
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def train(self, mode: bool = True) -> "LinearReadout":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, normalized: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            levels = self.backbone.features(normalized)
+        size = levels[0].shape[-2:]
+        stacked = torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in levels], 1)
+        logits = self.classifier(self.norm(stacked))
+        return F.interpolate(logits, size=normalized.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def save_segmenter(model: Segmenter, folder: Path, info: dict) -> Path:
+    """`folder/segmenter.safetensors` (all weights) + `segmenter.json` (how to rebuild it)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "segmenter.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    (folder / "segmenter.json").write_text(json.dumps(info, indent=2))
+    return path
+
+
+def load_segmenter(folder: str | Path) -> tuple[Segmenter, dict]:
+    folder = Path(folder)
+    info_path = folder / "segmenter.json"
+    if not info_path.is_file():
+        raise UserError(f"{folder}: no finished fine-tuning run here (segmenter.json missing)")
+    info = json.loads(info_path.read_text())
+    model = Segmenter(info["head"], info["backbone"], info["num_classes"], info.get("decoder_channels", 512))
+    model.load_state_dict(load_file(str(folder / "segmenter.safetensors")), strict=True)
+    return model.eval(), info

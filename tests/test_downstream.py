@@ -1,0 +1,263 @@
+"""The evaluation harness on tiny synthetic scenes: metrics against hand-computed numbers, label and
+split checks, fine-tuning + evaluation of both heads, and a bench that resumes without recomputing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import TINY
+from dreamteacher.cli import main
+from dreamteacher.downstream.data import SegmentationData, read_split
+from dreamteacher.downstream.finetune import crop_box, evaluate, finetune, lr_factor
+from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from dreamteacher.errors import UserError
+
+NUM_CLASSES, IGNORE = 3, 255
+# 32x32 training crops of a test_resnet student, a 32-wide UperNet, a few iterations
+FINETUNE = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
+            "model": {"backbone": "test_resnet", "decoder_channels": 32},
+            "optim": {"name": "adamw", "lr": 1e-3, "iterations": 3, "batch_size": 2},
+            "trainer": {"accelerator": "cpu", "checkpoint_every_n_steps": 1, "log_every_n_steps": 1}}
+
+
+def write_scenes(root: Path, count: int = 6, size: tuple[int, int] = (36, 48), seed: int = 0) -> tuple[Path, Path]:
+    """Images of two colored rectangles on a background; masks: 0 background, 1 red, 2 blue, and a
+    border of ignore pixels."""
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    h, w = size
+    for i in range(count):
+        img = np.full((h, w, 3), 90, np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        for cls, color in ((1, (220, 30, 30)), (2, (30, 30, 220))):
+            y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+            img[y:y + 12, x:x + 12] = color
+            mask[y:y + 12, x:x + 12] = cls
+        mask[0, :] = IGNORE
+        Image.fromarray(img).save(images / f"scene_{i}.png")
+        Image.fromarray(mask).save(masks / f"scene_{i}.png")
+    return images, masks
+
+
+@pytest.fixture
+def scenes(tmp_path: Path) -> tuple[Path, Path]:
+    return write_scenes(tmp_path)
+
+
+def test_confusion_and_iou_match_a_hand_computed_example():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
+    confusion = confusion_matrix(pred, target, 3, 255)
+    # rows true, columns predicted; the ignored pixel is not counted
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 1], [1, 0, 1]]
+    # IoU_c = TP / (TP + FP + FN): class 0: 1/(1+1+1), class 1: 2/(2+1+1), class 2: 1/(1+1+1)
+    per_class = iou_per_class(confusion)
+    assert per_class == pytest.approx([100 / 3, 50.0, 100 / 3])
+    assert mean_iou(per_class) == pytest.approx((100 / 3 + 50 + 100 / 3) / 3)
+    assert pixel_accuracy(confusion) == pytest.approx(4 / 7 * 100)
+
+
+def test_a_class_absent_everywhere_does_not_count_in_the_mean():
+    confusion = confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 1]), 3, 255)
+    per_class = iou_per_class(confusion)
+    assert per_class[:2] == [100.0, 100.0] and math.isnan(per_class[2])
+    assert mean_iou(per_class) == 100.0
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    poly = lr_factor("poly", total=100, warmup=10, power=0.9)
+    cosine = lr_factor("cosine", total=100, warmup=0)
+    assert poly(0) == pytest.approx(0.1) and poly(9) == pytest.approx(1.0) and poly(100) == 0.0
+    assert poly(55) == pytest.approx(0.5 ** 0.9)
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+
+
+def test_crop_box_inverts_resize_center_crop():
+    assert crop_box(360, 480, 96, 128) == (0, 0, 360, 480)  # same aspect: the whole label map
+    assert crop_box(100, 200, 32, 32) == (0, 50, 100, 100)  # wider: the central square
+
+
+def test_split_selects_images_and_masks_are_resized_with_nearest(scenes, tmp_path):
+    images, masks = scenes
+    split = tmp_path / "split.txt"
+    split.write_text("# two labeled images\nscene_3.png\n\nscene_1.png\n")
+    data = SegmentationData(images, masks, split, [32, 32], NUM_CLASSES, IGNORE)
+    assert data.names == ["scene_3.png", "scene_1.png"]
+    image, mask = data[0]
+    assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
+    assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE}  # nearest: no blended ids
+
+
+def test_augmentation_keeps_image_and_mask_aligned(scenes):
+    images, masks = scenes
+    data = SegmentationData(images, masks, None, [32, 32], NUM_CLASSES, IGNORE, augment=True, scale_range=(0.5, 2.0))
+    torch.manual_seed(0)
+    for _ in range(10):
+        image, mask = data[0]
+        assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
+        red = ((image[0] > 0.7) & (image[2] < 0.3)).float()
+        labeled_red = (mask == 1).float()
+        if red.sum() > 4 and labeled_red.sum() > 4:  # the red square is in the crop
+            # the red pixels and the pixels labeled "red" have the same centre (to resampling error)
+            grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
+            centre = lambda m: (grid * m).sum((1, 2)) / m.sum()  # noqa: E731
+            assert torch.dist(centre(red), centre(labeled_red)) < 1.5
+
+
+def test_bad_labels_and_splits_fail_before_training_with_the_file_named(scenes, tmp_path):
+    images, masks = scenes
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="empty.txt"):
+        read_split(empty)
+    missing = tmp_path / "missing.txt"
+    missing.write_text("scene_0.png\nnot_there.png\n")
+    with pytest.raises(UserError, match="not_there.png"):
+        SegmentationData(images, masks, missing, [32, 32], NUM_CLASSES, IGNORE)
+    Image.fromarray(np.full((36, 48), 7, np.uint8)).save(masks / "scene_2.png")  # id 7 of 3 classes
+    with pytest.raises(UserError, match=r"scene_2.png holds class ids \[7\]"):
+        SegmentationData(images, masks, None, [32, 32], NUM_CLASSES, IGNORE)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "scene_2.png")
+    with pytest.raises(UserError, match="scene_2.png is 10x10 but its image"):
+        SegmentationData(images, masks, None, [32, 32], NUM_CLASSES, IGNORE)
+    (masks / "scene_2.png").unlink()
+    with pytest.raises(UserError, match="no mask for image 'scene_2.png'"):
+        SegmentationData(images, masks, None, [32, 32], NUM_CLASSES, IGNORE)
+
+
+@pytest.mark.parametrize("head", ["upernet", "readout"])
+def test_finetune_then_evaluate_from_random_init(scenes, tmp_path, head):
+    images, masks = scenes
+    out = tmp_path / f"run-{head}"
+    result = finetune(None, images, masks, out, overrides={**FINETUNE, "model": {**FINETUNE["model"], "head": head}},
+                      progress=False)
+    assert result.steps == 3 and result.init["backbone_init"] == "random"
+    info = json.loads((out / "segmenter.json").read_text())
+    assert info["head"] == head and info["labeled_images"] == 6 and info["num_classes"] == NUM_CLASSES
+    scores = evaluate(out, images, masks, out=out / "eval.json")
+    assert scores.images == 6 and len(scores.per_class) == NUM_CLASSES and 0 <= scores.miou <= 100
+    # scored at label resolution on the region the 32x32 centre crop shows: 36x36 of each 36x48 mask,
+    # less its ignored top row
+    assert sum(map(sum, scores.confusion)) == 6 * 35 * 36
+    assert json.loads((out / "eval.json").read_text())["miou"] == pytest.approx(scores.miou)
+
+
+def test_readout_trains_only_the_linear_layer(scenes, tmp_path):
+    from safetensors.torch import load_file
+
+    images, masks = scenes
+    out = tmp_path / "readout"
+    torch.manual_seed(0)
+    finetune(None, images, masks, out, overrides={**FINETUNE, "model": {**FINETUNE["model"], "head": "readout"}},
+             progress=False)
+    weights = load_file(out / "segmenter.safetensors")
+    from dreamteacher.downstream.models import Segmenter
+
+    torch.manual_seed(0)
+    fresh = Segmenter("readout", "test_resnet", NUM_CLASSES)
+    backbone = {k: v for k, v in fresh.state_dict().items() if ".backbone." in k}
+    assert backbone and all(torch.equal(weights[k], v) for k, v in backbone.items())  # BN stats too
+    assert not torch.equal(weights["net.classifier.weight"], fresh.state_dict()["net.classifier.weight"])
+
+
+def test_finetune_cli_rejects_missing_num_classes(scenes, tmp_path, capsys):
+    images, masks = scenes
+    assert main(["finetune", "--backbone", "none", "--images", str(images), "--masks", str(masks),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "data.num_classes must be set" in capsys.readouterr().err
+
+
+def write_recipe(tmp_path: Path, images: Path, masks: Path) -> Path:
+    root = images.parent
+    (root / "splits").mkdir()
+    (root / "splits" / "small.txt").write_text("scene_0.png\nscene_1.png\n")
+    (root / "splits" / "all.txt").write_text("\n".join(f"scene_{i}.png" for i in range(6)))
+    pretrain = {}
+    for item in TINY:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        pretrain.setdefault(section, {})[name] = yaml.safe_load(value)
+    recipe = {
+        "name": "tiny",
+        "data": {"root": str(root), "unlabeled": "images", "images": "images", "masks": "masks",
+                 "eval_images": "images", "eval_masks": "masks",
+                 "splits": {"1-30": "splits/small.txt", "full": "splits/all.txt"}},
+        "pretrain_overrides": pretrain,
+        "finetune_overrides": FINETUNE,
+        "iterations": {"1-30": 2, "full": 3},
+        "seeds": {"1-30": [0, 1], "full": [0]},
+        "rows": [{"method": "scratch", "head": "upernet"},
+                 {"method": "dt-feat-untrained", "head": "readout", "iterations": 2, "seeds": [0]}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_bench_runs_every_cell_writes_tables_and_resumes_without_recomputing(scenes, tmp_path, monkeypatch):
+    import dreamteacher.downstream.finetune as ft
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    out = tmp_path / "bench"
+    result = bench(recipe, out, progress=False, rows=["scratch"], fractions=["1-30"], seeds=[0])
+    assert [(r["method"], r["fraction"], r["seed"]) for r in result.rows] == [("scratch", "1-30", 0)]
+
+    calls = []
+    real_finetune = ft.finetune
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: calls.append(k["split"]) or real_finetune(*a, **k))
+    result = bench(recipe, out, progress=False)
+    cells = {(r["method"], r["head"], r["fraction"], r["seed"]) for r in result.rows}
+    assert cells == {("scratch", "upernet", "1-30", 0), ("scratch", "upernet", "1-30", 1),
+                     ("scratch", "upernet", "full", 0), ("dt-feat-untrained", "readout", "1-30", 0),
+                     ("dt-feat-untrained", "readout", "full", 0)}
+    assert len(calls) == 4  # the first cell was reused
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recipe"] == "tiny" and saved["image_size"] == [32, 32] and saved["backbone"] == "test_resnet"
+    for row in saved["rows"]:
+        assert {"method", "head", "fraction", "labeled", "seed", "miou", "per_class", "pretrain_seconds"} <= set(row)
+    distilled = [r for r in saved["rows"] if r["method"] == "dt-feat-untrained"]
+    assert all(r["pretrain_seconds"] > 0 and r["pretrain_epochs"] == 2 for r in distilled)
+    assert {r["labeled"] for r in saved["rows"] if r["fraction"] == "1-30"} == {2}
+    table = (out / "results.md").read_text()
+    assert "| scratch | upernet |" in table and "| dt-feat-untrained | readout |" in table
+    assert (out / "results.png").stat().st_size > 0
+
+    # a third run recomputes nothing; one removed cell is redone alone
+    calls.clear()
+    import shutil
+
+    shutil.rmtree(out / "runs" / "cells" / "scratch--upernet" / "1-30-seed1")
+    bench(recipe, out, progress=False)
+    assert len(calls) == 1
+    # changing a setting the cells depend on invalidates them (and only them)
+    calls.clear()
+    spec = yaml.safe_load(recipe.read_text())
+    spec["iterations"]["full"] = 4
+    recipe.write_text(yaml.safe_dump(spec))
+    bench(recipe, out, progress=False, rows=["scratch"])
+    assert len(calls) == 1
+
+
+def test_bench_refuses_unknown_rows_and_missing_data(scenes, tmp_path):
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    with pytest.raises(UserError, match="matches no recipe row"):
+        bench(recipe, tmp_path / "b", rows=["pcd"])
+    with pytest.raises(UserError, match="data root not found"):
+        bench(recipe, tmp_path / "b", data_root=tmp_path / "nowhere")
+    with pytest.raises(UserError, match="unknown recipe"):
+        bench("no-such-recipe", tmp_path / "b")
