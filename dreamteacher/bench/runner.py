@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from dreamteacher.errors import UserError
+from dreamteacher.train.engine import checkpoint_path
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 FRACTIONS = ("1-30", "1-8", "1-4", "full")
@@ -76,7 +77,8 @@ class Stage:
         if not allow_run:
             return None
         started = self.folder / "stage-inputs.json"
-        resume = started.is_file() and json.loads(started.read_text()).get("key") == self.key
+        resume = (started.is_file() and json.loads(started.read_text()).get("key") == self.key
+                  and checkpoint_path(self.folder).is_file())  # else nothing worth keeping was written
         if self.folder.exists() and not resume:
             shutil.rmtree(self.folder)  # inputs changed: its work is stale
         self.folder.mkdir(parents=True, exist_ok=True)
