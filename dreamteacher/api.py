@@ -51,7 +51,7 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     DDPMPipeline of the EMA weights), checkpoints, logs and the resolved config."""
     from dreamteacher.teachers.training import TeacherTraining
 
-    run_dir = Path(out)
+    run_dir = engine.check_run_dir(out)
     config = _resolve_config(run_dir, preset, overrides, resume)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     ckpt = engine.prepare_run_dir(run_dir, resume)
@@ -104,7 +104,7 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
 
     if method != "dt-feat":
         raise UserError(f"unknown method '{method}'; available: dt-feat")
-    run_dir = Path(out)
+    run_dir = engine.check_run_dir(out)
     extra = {"student": {"backbone": model}} if model else {}
     config = _resolve_config(run_dir, preset, _with(overrides, extra), resume)
     if resume and teacher is None:
@@ -171,16 +171,29 @@ def _saved_teacher(run_dir: Path) -> str | None:
     return json.loads(path.read_text())["teacher"] if path.is_file() else None
 
 
-def export(run: str | Path, out: str | Path | None = None) -> Path:
-    """Backbone-only safetensors with timm keys (+ a JSON of its config beside it)."""
-    from dreamteacher.export import export_backbone
+def export(run: str | Path, out: str | Path | None = None, format: str = "timm") -> Path:
+    """The backbone alone, in `format` (timm, torchvision, smp, mmseg, detectron2; see
+    `dreamteacher.export`), with a JSON beside it saying what it is and how to load it."""
+    from dreamteacher.export import FORMATS, SUFFIXES, export_backbone
 
+    if format not in FORMATS:
+        raise UserError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
     run = Path(run)
     ckpt = engine.checkpoint_path(run) if run.is_dir() else run
     if not ckpt.is_file():
         raise UserError(f"no training checkpoint at {ckpt}")
-    out = Path(out) if out else (run if run.is_dir() else run.parent) / "backbone.safetensors"
-    return export_backbone(ckpt, out)
+    if out is None:
+        name = "backbone" + ("" if format == "timm" else f".{format}") + SUFFIXES[format]
+        out = (run if run.is_dir() else run.parent) / name
+    return export_backbone(ckpt, out, format)
+
+
+def info(path: str | Path) -> dict:
+    """What a run folder, training checkpoint or export holds (kind, method, backbone, teacher, step,
+    parts, and how to use it)."""
+    from dreamteacher.info import describe
+
+    return describe(path)
 
 
 def sample(run: str | Path, out: str | Path | None = None, num: int = 16, steps: int = 50, seed: int = 0,

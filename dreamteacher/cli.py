@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="timm backbone name (same as --set student.backbone=NAME)")
     _add_config_args(p)
 
-    p = sub.add_parser("export", help="write the backbone alone (timm keys, safetensors)")
+    p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
     p.add_argument("run", help="pretrain run folder or its checkpoint")
-    p.add_argument("--out", help="output .safetensors (default RUN/backbone.safetensors)")
+    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "smp", "mmseg", "detectron2"],
+                   help="timm/torchvision/smp: .safetensors; mmseg: .pth; detectron2: .pkl (default timm)")
+    p.add_argument("--out", help="output file (default RUN/backbone[.FORMAT].EXT)")
 
     p = sub.add_parser("finetune", help="fine-tune a segmentation head on an exported (or random) backbone")
     p.add_argument("--backbone", required=True, help="exported backbone .safetensors, or 'none' for random init")
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated, e.g. 0")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("info", help="what a run folder, checkpoint or export holds")
+    p.add_argument("path")
+
     p = sub.add_parser("report", help="HTML report: teacher samples, teacher and student feature maps")
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", help="pretrain run folder")
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
                               args.overrides, args.resume, progress)
         print(f"backbone: {result.files.get('backbone')} ({result.steps} steps, {result.seconds:.0f} s)")
     elif args.command == "export":
-        print(f"backbone: {api.export(args.run, args.out)}")
+        print(f"backbone: {api.export(args.run, args.out, args.format)}")
     elif args.command == "finetune":
         from dreamteacher.downstream.finetune import finetune
 
@@ -133,6 +138,12 @@ def run(args: argparse.Namespace) -> None:
                        listed(args.rows), listed(args.fractions), seeds, progress)
         print(result.files["md"].read_text())
         print(f"results: {', '.join(str(p) for p in result.files.values())}")
+    elif args.command == "info":
+        import yaml
+
+        from dreamteacher.info import describe
+
+        print(yaml.safe_dump(describe(args.path), sort_keys=False, default_flow_style=None, width=110).rstrip())
     elif args.command == "report":
         from dreamteacher.viz.report import write_report
 

@@ -192,7 +192,7 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     Writes `out/segmenter.safetensors` + `segmenter.json` (what `evaluate` reads), checkpoints, logs,
     the resolved config and `run.json`.
     """
-    run_dir = Path(out)
+    run_dir = engine.check_run_dir(out)
     saved = run_dir / "config.yaml"
     base = load_config_file(saved) if resume and saved.is_file() else None
     config = build_finetune_config(None if base else preset, overrides, base)

@@ -31,6 +31,9 @@ HEADS = ("upernet", "readout")
 def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
     """An exported backbone -> (timm model name, weights under timm keys, metadata)."""
     path = Path(path)
+    if path.is_dir() or path.suffix == ".ckpt":
+        raise UserError(f"{path} is a training run/checkpoint, not a backbone export: run "
+                        f"`dreamteacher export {path}` and pass the .safetensors it writes")
     if not path.is_file():
         raise UserError(f"backbone file not found: {path}")
     try:
@@ -40,7 +43,10 @@ def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor]
     except Exception:  # noqa: BLE001 - any unreadable file: one message
         raise UserError(f"{path}: not a safetensors backbone export") from None
     if meta.get("format") != "timm" or "model" not in meta:
-        raise UserError(f"{path}: not a dreamteacher backbone export (make one with `dreamteacher export RUN`)")
+        hint = (f" (this one has {meta['format']} keys; `finetune` reads the timm format)" if meta.get("format")
+                else "")
+        raise UserError(f"{path}: not a dreamteacher timm backbone export{hint}: make one with "
+                        "`dreamteacher export RUN --format timm`")
     return meta["model"], weights, meta
 
 

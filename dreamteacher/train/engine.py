@@ -85,9 +85,21 @@ def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`--out` must be a folder; an export passed there (resume vs initialize mix-up) is named as such."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        if run_dir.suffix in (".safetensors", ".pth", ".pkl"):
+            raise UserError(f"{run_dir} is an exported backbone: it initializes a fine-tuning "
+                            f"(`dreamteacher finetune --backbone {run_dir}`) but cannot resume a run; "
+                            "--out takes the run folder")
+        raise UserError(f"--out must be a run folder, not the file {run_dir}")
+    return run_dir
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; never silently overwrites a trained run."""
-    run_dir = Path(run_dir)
+    run_dir = check_run_dir(run_dir)
     ckpt = checkpoint_path(run_dir)
     if resume:
         if not ckpt.is_file():
