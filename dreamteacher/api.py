@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreamteacher.config import Config, build_config, load_config_file, save_config
+from dreamteacher.config import Config, build_config, load_config_file, merge_overrides, save_config
 from dreamteacher.data.images import ImageFolder
 from dreamteacher.errors import UserError
 from dreamteacher.train import engine
@@ -46,11 +46,16 @@ def _final_loss(trainer) -> float | None:
 
 def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
                   overrides: list[str] | dict | None = None, resume: bool = False,
-                  progress: bool = True) -> RunResult:
+                  progress: bool = True, **sections: dict) -> RunResult:
     """Train a DDPM teacher on an unlabeled image folder; writes `out/teacher/` (a diffusers
-    DDPMPipeline of the EMA weights), checkpoints, logs and the resolved config."""
+    DDPMPipeline of the EMA weights), checkpoints, logs and the resolved config.
+
+    Settings: `preset`, then `overrides` (["teacher_train.max_steps=500"] or a nested dict), then
+    section keywords, e.g. `teacher_train={"max_steps": 500}`.
+    """
     from dreamteacher.teachers.training import TeacherTraining
 
+    overrides = merge_overrides(overrides, sections)
     run_dir = engine.check_run_dir(out)
     config = _resolve_config(run_dir, preset, overrides, resume)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
@@ -96,17 +101,22 @@ def load_teacher(teacher: str | Path, config: Config):
 
 def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
              model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
-             resume: bool = False, progress: bool = True) -> RunResult:
-    """Distill a teacher into a timm student (`method="dt-feat"`); writes checkpoints, logs, the
-    resolved config and `out/backbone.safetensors` (timm keys)."""
+             resume: bool = False, progress: bool = True, **sections: dict) -> RunResult:
+    """Distill a teacher into a timm student `model` (`method="dt-feat"`); writes checkpoints, logs,
+    the resolved config, `out/run.json` and `out/backbone.safetensors` (timm keys).
+
+    Settings as in `train_teacher`: `preset`, `overrides`, then section keywords such as
+    `optim={"epochs": 100}` or `encode={"t": 150}`.
+    """
+    overrides = merge_overrides(overrides, sections)
     from dreamteacher.methods.dt_feat import DTFeat
-    from dreamteacher.export import export_backbone
+    from dreamteacher.checkpoints import export_backbone
 
     if method != "dt-feat":
         raise UserError(f"unknown method '{method}'; available: dt-feat")
     run_dir = engine.check_run_dir(out)
     extra = {"student": {"backbone": model}} if model else {}
-    config = _resolve_config(run_dir, preset, _with(overrides, extra), resume)
+    config = _resolve_config(run_dir, preset, merge_overrides(overrides, extra), resume)
     if resume and teacher is None:
         teacher = _saved_teacher(run_dir)
     if teacher is None:
@@ -155,17 +165,6 @@ def read_summary(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _with(overrides: list[str] | dict | None, extra: dict) -> list[str] | dict | None:
-    if not extra:
-        return overrides
-    from dreamteacher.config import parse_overrides
-
-    merged = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    for section, values in extra.items():
-        merged.setdefault(section, {}).update(values)
-    return merged
-
-
 def _saved_teacher(run_dir: Path) -> str | None:
     path = run_dir / "teacher.json"
     return json.loads(path.read_text())["teacher"] if path.is_file() else None
@@ -173,8 +172,8 @@ def _saved_teacher(run_dir: Path) -> str | None:
 
 def export(run: str | Path, out: str | Path | None = None, format: str = "timm") -> Path:
     """The backbone alone, in `format` (timm, torchvision, smp, mmseg, detectron2; see
-    `dreamteacher.export`), with a JSON beside it saying what it is and how to load it."""
-    from dreamteacher.export import FORMATS, SUFFIXES, export_backbone
+    `dreamteacher.checkpoints`), with a JSON beside it saying what it is and how to load it."""
+    from dreamteacher.checkpoints import FORMATS, SUFFIXES, export_backbone
 
     if format not in FORMATS:
         raise UserError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
@@ -191,7 +190,7 @@ def export(run: str | Path, out: str | Path | None = None, format: str = "timm")
 def info(path: str | Path) -> dict:
     """What a run folder, training checkpoint or export holds (kind, method, backbone, teacher, step,
     parts, and how to use it)."""
-    from dreamteacher.info import describe
+    from dreamteacher.describe import describe
 
     return describe(path)
 

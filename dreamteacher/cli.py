@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "info":
         import yaml
 
-        from dreamteacher.info import describe
+        from dreamteacher.describe import describe
 
         print(yaml.safe_dump(describe(args.path), sort_keys=False, default_flow_style=None, width=110).rstrip())
     elif args.command == "report":

@@ -7,6 +7,7 @@ and inside every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -182,6 +183,18 @@ def resolve_sections(root_cls: type, layers: list[dict]):
                                             for key, value in resolved[name].items()})
                        for name, section_cls in _sections(root_cls).items()
                        for hints in [typing.get_type_hints(section_cls)]})
+
+
+def merge_overrides(overrides: list[str] | dict | None, extra: dict) -> list[str] | dict | None:
+    """`overrides` (dotted list or nested dict) with whole sections of `extra` merged in; no input mutated."""
+    if not extra:
+        return overrides
+    merged = parse_overrides(overrides) if isinstance(overrides, list) else copy.deepcopy(dict(overrides or {}))
+    for section, values in extra.items():
+        if not isinstance(values, dict):
+            raise UserError(f"keyword '{section}' takes a dict of that section's settings, got {values!r}")
+        merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def _as_dict(overrides: list[str] | dict | None) -> dict:

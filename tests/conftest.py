@@ -42,6 +42,30 @@ def write_images(folder: Path, count: int = 8, size: tuple[int, int] = (40, 48),
     return folder
 
 
+NUM_CLASSES, IGNORE = 3, 255  # the synthetic scenes below
+
+
+def write_scenes(root: Path, count: int = 6, size: tuple[int, int] = (36, 48), seed: int = 0) -> tuple[Path, Path]:
+    """Images of two colored rectangles on a background; masks: 0 background, 1 red, 2 blue, and a
+    border of ignore pixels."""
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    h, w = size
+    for i in range(count):
+        img = np.full((h, w, 3), 90, np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        for cls, color in ((1, (220, 30, 30)), (2, (30, 30, 220))):
+            y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+            img[y:y + 12, x:x + 12] = color
+            mask[y:y + 12, x:x + 12] = cls
+        mask[0, :] = IGNORE
+        Image.fromarray(img).save(images / f"scene_{i}.png")
+        Image.fromarray(mask).save(masks / f"scene_{i}.png")
+    return images, masks
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     return write_images(tmp_path / "images")

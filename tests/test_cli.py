@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import TINY, write_images
 from dreamteacher.cli import main
 from dreamteacher.errors import UserError
-from dreamteacher.export import load_backbone, read_checkpoint
+from dreamteacher.checkpoints import load_backbone, read_checkpoint
 
 CLI = [sys.executable, "-m", "dreamteacher.cli"]
 
@@ -83,6 +83,71 @@ def test_pretrain_export_loads_into_timm_strictly(trained):
     assert torch.equal(loaded.state_dict()["layer1.0.conv1.weight"], weights["layer1.0.conv1.weight"])
     with pytest.raises(UserError, match="not a dreamteacher backbone export"):
         load_backbone(trained / "teacher" / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_info_says_what_each_run_and_file_holds(trained, capsys):
+    from dreamteacher import info
+
+    teacher = info(trained / "teacher")
+    assert teacher["method"] == "train-teacher" and "teacher/ (diffusers DDPMPipeline)" in teacher["files"]
+    student = info(trained / "student")
+    assert student["method"] == "dt-feat" and student["step"] == 4 and student["finished"]["steps"] == 4
+    assert set(student["parts"]) == {"backbone", "regressor"} and "backbone.safetensors" in student["files"]
+    export = info(trained / "student" / "backbone.safetensors")
+    assert export["format"] == "timm" and export["model"] == "test_resnet" and "cannot resume" in export["use"]
+    assert info(trained / "teacher" / "teacher")["kind"] == "diffusers model folder"
+    assert main(["info", str(trained / "student")]) == 0
+    assert "method: dt-feat" in capsys.readouterr().out
+    assert main(["info", str(trained / "nothing-here")]) == 2
+
+
+def test_python_api_runs_the_workflow_and_returns_results(trained, tmp_path):
+    """The functions the CLI wraps, with settings given as section keywords."""
+    import dreamteacher as dt
+    from conftest import IGNORE, NUM_CLASSES, write_scenes
+    from safetensors.torch import load_file
+
+    overrides = [o for o in TINY if not o.startswith("optim.epochs")]
+    run = dt.pretrain(data=trained / "images", out=tmp_path / "student", teacher=trained / "teacher",
+                      overrides=overrides, optim={"epochs": 1}, progress=False)
+    assert run.steps == 2 and run.seconds > 0 and run.final_loss is not None
+    assert run.files["backbone"].is_file()
+    smp_file = dt.export(run.run_dir, format="smp")
+    assert smp_file.name == "backbone.smp.safetensors" and "model.conv1.0.weight" in load_file(smp_file)
+
+    images, masks = write_scenes(tmp_path / "scenes")
+    seg = dt.finetune(run.files["backbone"], images, masks, tmp_path / "seg", progress=False,
+                      data={"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
+                            "num_workers": 0},
+                      model={"decoder_channels": 32}, optim={"iterations": 2, "batch_size": 2},
+                      trainer={"accelerator": "cpu"})
+    assert seg.steps == 2 and seg.init["backbone_init"] == "pretrained" and seg.init["backbone"] == "test_resnet"
+    scores = dt.evaluate(seg.run_dir, images, masks)
+    assert 0 <= scores.miou <= 100 and len(scores.per_class) == NUM_CLASSES
+    with pytest.raises(UserError, match="keyword 'optim' takes a dict"):
+        dt.pretrain(data=trained / "images", out=tmp_path / "x", teacher=trained / "teacher", optim=3)
+
+
+def test_finetune_initializes_from_the_export_not_at_random(trained, tmp_path, monkeypatch):
+    import dreamteacher.downstream.finetune as ft
+    from conftest import IGNORE, NUM_CLASSES, write_scenes
+    from dreamteacher.downstream.models import read_backbone_export
+
+    images, masks = write_scenes(tmp_path / "scenes")
+    export = trained / "student" / "backbone.safetensors"
+    start = {}
+
+    def remember(self):  # the backbone weights the first step starts from
+        start.update({k: v.clone() for k, v in self.model.backbone_model().state_dict().items()})
+
+    monkeypatch.setattr(ft.SegmentationTraining, "on_train_start", remember, raising=False)
+    ft.finetune(export, images, masks, tmp_path / "seg", progress=False,
+                overrides={"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
+                                    "num_workers": 0},
+                           "model": {"decoder_channels": 32}, "optim": {"iterations": 1, "batch_size": 2},
+                           "trainer": {"accelerator": "cpu"}})
+    _, weights, _ = read_backbone_export(export)
+    assert start and all(torch.equal(start[k], weights[k]) for k in start)
 
 
 def test_report_shows_teacher_and_student(trained):

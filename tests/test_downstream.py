@@ -13,40 +13,18 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY
+from conftest import IGNORE, NUM_CLASSES, TINY, write_scenes
 from dreamteacher.cli import main
 from dreamteacher.downstream.data import SegmentationData, read_split
 from dreamteacher.downstream.finetune import crop_box, evaluate, finetune, lr_factor
 from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from dreamteacher.errors import UserError
 
-NUM_CLASSES, IGNORE = 3, 255
 # 32x32 training crops of a test_resnet student, a 32-wide UperNet, a few iterations
 FINETUNE = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
             "model": {"backbone": "test_resnet", "decoder_channels": 32},
             "optim": {"name": "adamw", "lr": 1e-3, "iterations": 3, "batch_size": 2},
             "trainer": {"accelerator": "cpu", "checkpoint_every_n_steps": 1, "log_every_n_steps": 1}}
-
-
-def write_scenes(root: Path, count: int = 6, size: tuple[int, int] = (36, 48), seed: int = 0) -> tuple[Path, Path]:
-    """Images of two colored rectangles on a background; masks: 0 background, 1 red, 2 blue, and a
-    border of ignore pixels."""
-    rng = np.random.default_rng(seed)
-    images, masks = root / "images", root / "masks"
-    images.mkdir(parents=True)
-    masks.mkdir(parents=True)
-    h, w = size
-    for i in range(count):
-        img = np.full((h, w, 3), 90, np.uint8)
-        mask = np.zeros((h, w), np.uint8)
-        for cls, color in ((1, (220, 30, 30)), (2, (30, 30, 220))):
-            y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
-            img[y:y + 12, x:x + 12] = color
-            mask[y:y + 12, x:x + 12] = cls
-        mask[0, :] = IGNORE
-        Image.fromarray(img).save(images / f"scene_{i}.png")
-        Image.fromarray(mask).save(masks / f"scene_{i}.png")
-    return images, masks
 
 
 @pytest.fixture

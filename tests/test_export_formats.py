@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from dreamteacher.cli import main
 from dreamteacher.config import build_config
 from dreamteacher.errors import UserError
-from dreamteacher.export import BACKBONE_PREFIX, export_backbone
-from dreamteacher.info import describe
+from dreamteacher.checkpoints import BACKBONE_PREFIX, export_backbone
+from dreamteacher.describe import describe
 
 
 def fake_training_checkpoint(folder: Path, name: str) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch.utils.data import Dataset
 
-from dreamteacher.config import TrainerConfig, load_config_file, resolve_sections, save_config
+from dreamteacher.config import TrainerConfig, load_config_file, merge_overrides, resolve_sections, save_config
 from dreamteacher.downstream.data import SegmentationData
 from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from dreamteacher.downstream.models import HEADS, Segmenter, load_segmenter, read_backbone_export, save_segmenter
@@ -185,13 +185,15 @@ class FinetuneResult:
 def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path, out: str | Path,
              split: str | Path | None = None, preset: str | None = None,
              overrides: list[str] | dict | None = None, resume: bool = False,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, **sections: dict) -> FinetuneResult:
     """Train a segmentation head on the labeled images of `split` (all images if None), its backbone
     initialized from an exported backbone file, or randomly when `backbone` is None / "none".
 
     Writes `out/segmenter.safetensors` + `segmenter.json` (what `evaluate` reads), checkpoints, logs,
-    the resolved config and `run.json`.
+    the resolved config and `run.json`. Settings: `preset`, `overrides`, then section keywords such as
+    `data={"num_classes": 19}` or `optim={"iterations": 2000}`.
     """
+    overrides = merge_overrides(overrides, sections)
     run_dir = engine.check_run_dir(out)
     saved = run_dir / "config.yaml"
     base = load_config_file(saved) if resume and saved.is_file() else None

@@ -91,7 +91,7 @@ def _teacher_run_config(teacher_path: str | Path) -> dict | None:
 
 
 def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tuple[int, int], seed: int) -> str:
-    from dreamteacher.export import read_checkpoint
+    from dreamteacher.checkpoints import read_checkpoint
     from dreamteacher.losses import whiten
     from dreamteacher.methods.dt_feat import DTFeat, resize_to
     from dreamteacher.train.engine import checkpoint_path

@@ -31,7 +31,7 @@ def _config_summary(config: dict) -> dict[str, Any]:
 
 
 def checkpoint_info(path: Path) -> dict[str, Any]:
-    from dreamteacher.export import read_checkpoint
+    from dreamteacher.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
