@@ -113,7 +113,7 @@ def run_info(folder: Path) -> dict[str, Any]:
         return {"kind": "diffusers model folder", "path": str(folder), "use": "--teacher PATH"}
     ckpt = checkpoint_path(folder)
     if ckpt.is_file():
-        info.update({k: v for k, v in checkpoint_info(ckpt).items() if k != "kind"})
+        info.update({k: v for k, v in checkpoint_info(ckpt).items() if k not in ("kind", "path")})
         info["checkpoint"] = str(ckpt)
     if (folder / "run.json").is_file():
         info["finished"] = json.loads((folder / "run.json").read_text())

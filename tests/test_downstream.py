@@ -122,6 +122,11 @@ def test_finetune_then_evaluate_from_random_init(scenes, tmp_path, head):
     assert result.steps == 3 and result.init["backbone_init"] == "random"
     info = json.loads((out / "segmenter.json").read_text())
     assert info["head"] == head and info["labeled_images"] == 6 and info["num_classes"] == NUM_CLASSES
+    from dreamteacher.describe import describe
+
+    about = describe(out)
+    assert about["method"] == "finetune" and about["init"]["backbone_init"] == "random"
+    assert describe(out / "segmenter.safetensors")["kind"] == "fine-tuned segmentation model"
     scores = evaluate(out, images, masks, out=out / "eval.json")
     assert scores.images == 6 and len(scores.per_class) == NUM_CLASSES and 0 <= scores.miou <= 100
     # scored at label resolution on the region the 32x32 centre crop shows: 36x36 of each 36x48 mask,
@@ -211,6 +216,10 @@ def test_bench_runs_every_cell_writes_tables_and_resumes_without_recomputing(sce
     table = (out / "results.md").read_text()
     assert "| scratch | upernet |" in table and "| dt-feat-untrained | readout |" in table
     assert (out / "results.png").stat().st_size > 0
+    from dreamteacher.describe import describe
+
+    assert describe(out) == {"kind": "benchmark results", "path": str(out), "recipe": "tiny", "cells": 5,
+                             "use": f"see {out / 'results.md'}"}
 
     # a third run recomputes nothing; one removed cell is redone alone
     calls.clear()
