@@ -24,6 +24,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreamteacher.errors import UserError
@@ -42,7 +43,7 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -94,7 +95,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, format: str = "timm
 def _write_timm(name: str, weights: dict, out: Path, info: dict) -> dict:
     extra = {"num_classes": 0,
              "load": f"timm.create_model('{name}', num_classes=0).load_state_dict(load_file(path), strict=True)"}
-    _atomic_save_safetensors(weights, out, {k: str(v) for k, v in {**info, **extra}.items()})
+    save_safetensors_atomic(weights, out, {k: str(v) for k, v in {**info, **extra}.items()})
     return extra
 
 
@@ -121,7 +122,7 @@ def _write_torchvision(name: str, weights: dict, out: Path, info: dict) -> dict:
     _require_torchvision_twin(name, "torchvision")
     extra = {"load": f"torchvision.models.{name}().load_state_dict(load_file(path), strict=False) "
                      "# missing: fc.weight, fc.bias"}
-    _atomic_save_safetensors(torchvision_keys(name, weights), out, {k: str(v) for k, v in {**info, **extra}.items()})
+    save_safetensors_atomic(torchvision_keys(name, weights), out, {k: str(v) for k, v in {**info, **extra}.items()})
     return extra
 
 
@@ -152,7 +153,7 @@ def smp_encoder_keys(name: str, weights: dict[str, torch.Tensor], depth: int = 5
 def _write_smp(name: str, weights: dict, out: Path, info: dict) -> dict:
     extra = {"encoder": f"tu-{name}", "encoder_depth": 5,
              "load": f"smp.Unet('tu-{name}', encoder_weights=None).encoder.load_state_dict(load_file(path))"}
-    _atomic_save_safetensors(smp_encoder_keys(name, weights), out, {k: str(v) for k, v in {**info, **extra}.items()})
+    save_safetensors_atomic(smp_encoder_keys(name, weights), out, {k: str(v) for k, v in {**info, **extra}.items()})
     return extra
 
 
@@ -199,18 +200,30 @@ WRITERS = {"timm": _write_timm, "torchvision": _write_torchvision, "smp": _write
            "detectron2": _write_detectron2}
 
 
-def load_backbone(path: str | Path) -> torch.nn.Module:
-    """A timm model (num_classes=0) with the exported weights, loaded strictly."""
+def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """An exported backbone -> (timm model name, weights under timm keys, metadata)."""
     path = Path(path)
+    if path.is_dir() or path.suffix == ".ckpt":
+        raise UserError(f"{path} is a training run/checkpoint, not a backbone export: run "
+                        f"`dreamteacher export {path}` and pass the .safetensors it writes")
+    if not path.is_file():
+        raise UserError(f"backbone file not found: {path}")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except Exception:  # noqa: BLE001
+        weights = load_file(str(path))
+    except Exception:  # noqa: BLE001 - any unreadable file: one message
         raise UserError(f"{path}: not a safetensors backbone export") from None
     if meta.get("format") != "timm" or "model" not in meta:
-        raise UserError(f"{path}: not a dreamteacher backbone export (use `dreamteacher export RUN` first)")
-    model = timm.create_model(meta["model"], pretrained=False, num_classes=0)
-    model.load_state_dict(load_file(str(path)), strict=True)
+        hint = f" (this one has {meta['format']} keys)" if meta.get("format") else ""
+        raise UserError(f"{path}: not a dreamteacher backbone export in the timm format{hint}: make one with "
+                        "`dreamteacher export RUN --format timm`")
+    return meta["model"], weights, meta
+
+
+def load_backbone(path: str | Path) -> torch.nn.Module:
+    """A timm model (num_classes=0) with the exported weights, loaded strictly."""
+    name, weights, _ = read_backbone_export(path)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    model.load_state_dict(weights, strict=True)
     return model

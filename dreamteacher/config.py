@@ -110,8 +110,15 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 500
 
 
+class Sections:
+    """A config made of section dataclasses (`Config`, `FinetuneConfig`): built by `resolve_sections`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class Config:
+class Config(Sections):
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
@@ -120,9 +127,6 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def available_presets() -> list[str]:

@@ -131,7 +131,7 @@ def test_python_api_runs_the_workflow_and_returns_results(trained, tmp_path):
 def test_finetune_initializes_from_the_export_not_at_random(trained, tmp_path, monkeypatch):
     import dreamteacher.downstream.finetune as ft
     from conftest import IGNORE, NUM_CLASSES, write_scenes
-    from dreamteacher.downstream.models import read_backbone_export
+    from dreamteacher.checkpoints import read_backbone_export
 
     images, masks = write_scenes(tmp_path / "scenes")
     export = trained / "student" / "backbone.safetensors"

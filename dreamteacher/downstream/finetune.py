@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch.utils.data import Dataset
 
-from dreamteacher.config import TrainerConfig, load_config_file, merge_overrides, resolve_sections, save_config
+from dreamteacher.config import Sections, TrainerConfig, load_config_file, merge_overrides, resolve_sections, save_config
 from dreamteacher.downstream.data import SegmentationData
 from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from dreamteacher.downstream.models import HEADS, Segmenter, load_segmenter, read_backbone_export, save_segmenter
+from dreamteacher.checkpoints import read_backbone_export
+from dreamteacher.downstream.models import HEADS, Segmenter, load_segmenter, save_segmenter
 from dreamteacher.errors import UserError
 from dreamteacher.train import engine
 
@@ -61,14 +62,11 @@ class SegOptimConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Sections):
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def available_finetune_presets() -> list[str]:

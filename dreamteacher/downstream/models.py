@@ -18,36 +18,14 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from dreamteacher.checkpoints import save_safetensors_atomic
 from dreamteacher.errors import UserError
 from dreamteacher.students.backbone import Backbone, check_backbone_name
 
 HEADS = ("upernet", "readout")
-
-
-def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
-    """An exported backbone -> (timm model name, weights under timm keys, metadata)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".ckpt":
-        raise UserError(f"{path} is a training run/checkpoint, not a backbone export: run "
-                        f"`dreamteacher export {path}` and pass the .safetensors it writes")
-    if not path.is_file():
-        raise UserError(f"backbone file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        weights = load_file(str(path))
-    except Exception:  # noqa: BLE001 - any unreadable file: one message
-        raise UserError(f"{path}: not a safetensors backbone export") from None
-    if meta.get("format") != "timm" or "model" not in meta:
-        hint = (f" (this one has {meta['format']} keys; `finetune` reads the timm format)" if meta.get("format")
-                else "")
-        raise UserError(f"{path}: not a dreamteacher timm backbone export{hint}: make one with "
-                        "`dreamteacher export RUN --format timm`")
-    return meta["model"], weights, meta
 
 
 def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -121,13 +99,9 @@ class LinearReadout(nn.Module):
 
 def save_segmenter(model: Segmenter, folder: Path, info: dict) -> Path:
     """`folder/segmenter.safetensors` (all weights) + `segmenter.json` (how to rebuild it)."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "segmenter.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    save_safetensors_atomic(model.state_dict(), path)
     (folder / "segmenter.json").write_text(json.dumps(info, indent=2))
     return path
 
