@@ -101,16 +101,50 @@ def load_teacher(teacher: str | Path, config: Config):
 
 def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
              model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
-             resume: bool = False, progress: bool = True, **sections: dict) -> RunResult:
+             resume: bool = False, progress: bool = True, cache: str | Path | None = None,
+             rebuild_cache: bool = False, **sections: dict) -> RunResult:
     """Distill a teacher into a timm student `model` (`method="dt-feat"`); writes checkpoints, logs,
     the resolved config, `out/run.json` and `out/backbone.safetensors` (timm keys).
 
     Settings as in `train_teacher`: `preset`, `overrides`, then section keywords such as
-    `optim={"epochs": 100}` or `encode={"t": 150}`.
+    `optim={"epochs": 100}` or `encode={"t": 150}`. `cache`: a folder for the offline feature
+    dataset (built on first use, reused after; the teacher is then not run while training).
     """
-    overrides = merge_overrides(overrides, sections)
-    from dreamteacher.methods.dt_feat import DTFeat
     from dreamteacher.checkpoints import export_backbone
+
+    job = prepare_pretraining(data, out, teacher, method, model, preset, merge_overrides(overrides, sections),
+                              resume, progress, cache, rebuild_cache)
+    trainer = job.trainer
+    trainer.fit(job.module, job.loader, ckpt_path=job.resume_from)
+    trainer.save_checkpoint(engine.checkpoint_path(job.run_dir))
+    result = RunResult(job.run_dir, engine.checkpoint_path(job.run_dir), trainer.global_step,
+                       engine.training_seconds(trainer), _final_loss(trainer))
+    if trainer.is_global_zero:
+        result.files["backbone"] = export_backbone(result.checkpoint, job.run_dir / "backbone.safetensors")
+        _write_summary(result, method, epochs=trainer.global_step / job.steps_per_epoch)
+    return result
+
+
+@dataclass
+class PretrainingJob:
+    """Everything `pretrain` fits, built but not started (also what `bench-speed` times)."""
+    run_dir: Path
+    config: Config
+    module: torch.nn.Module
+    loader: torch.utils.data.DataLoader
+    trainer: object
+    resume_from: Path | None
+    steps_per_epoch: int
+    teacher: object
+
+
+def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path | None = None,
+                        method: str = "dt-feat", model: str | None = None, preset: str | None = None,
+                        overrides: list[str] | dict | None = None, resume: bool = False, progress: bool = True,
+                        cache: str | Path | None = None, rebuild_cache: bool = False,
+                        callbacks: list = ()) -> PretrainingJob:
+    from dreamteacher.methods.dt_feat import DTFeat
+    from dreamteacher.students.backbone import check_backbone_name
 
     if method != "dt-feat":
         raise UserError(f"unknown method '{method}'; available: dt-feat")
@@ -121,32 +155,45 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
         teacher = _saved_teacher(run_dir)
     if teacher is None:
         raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
-    from dreamteacher.students.backbone import check_backbone_name
-
     check_backbone_name(config.student.backbone)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     teacher_model = load_teacher(teacher, config)
     teacher_model.check_resolution(*config.data.resolution)
+    if cache is not None:
+        dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
+        teacher_model = None  # training reads the cache; the teacher is not needed on any device
     ckpt = engine.prepare_run_dir(run_dir, resume)
     save_config(config, run_dir / CONFIG_FILE)
-    (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve())}))
+    (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve()),
+                                                      "cache": str(Path(cache).resolve()) if cache else None}))
     engine.seed_everything(config.trainer.seed)
     opt = config.optim
     per_epoch = engine.steps_per_epoch(len(dataset), opt.batch_size)
     total = opt.max_steps if opt.max_steps > 0 else opt.epochs * per_epoch
-    trainer = engine.build_trainer(config.trainer, run_dir, total, opt.batch_size, progress)
+    trainer = engine.build_trainer(config.trainer, run_dir, total, opt.batch_size, progress, callbacks)
     loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size")
-    module = DTFeat(config, teacher_model, teacher_path=str(teacher))
+    specs = dataset.specs if cache is not None else teacher_model.feature_specs
+    module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / max(1, opt.epochs))
-    trainer.fit(module, loader, ckpt_path=ckpt)
-    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
-    result = RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step,
-                       engine.training_seconds(trainer), _final_loss(trainer))
-    if trainer.is_global_zero:
-        result.files["backbone"] = export_backbone(result.checkpoint, run_dir / "backbone.safetensors")
-        _write_summary(result, method, epochs=trainer.global_step / per_epoch)
-    return result
+    return PretrainingJob(run_dir, config, module, loader, trainer, ckpt, per_epoch, teacher_model)
+
+
+def _cached_dataset(cache, teacher_path, teacher_model, images: ImageFolder, data, config: Config,
+                    rebuild: bool, progress: bool):
+    """The images paired with their cached teacher features; rank 0 builds a missing cache while the
+    other processes of a torchrun/SLURM job wait for it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from dreamteacher.teachers.cache import CachedFeatures, open_cache, wait_for_cache
+
+    device = torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    if rank_zero_only.rank == 0:
+        meta = open_cache(cache, teacher_path, teacher_model, images, data, config.encode.cache_encodings, device,
+                          rebuild=rebuild, progress=progress)
+    else:
+        meta = wait_for_cache(cache, teacher_path, teacher_model, images, data, config.encode.cache_encodings)
+    return CachedFeatures(images, cache, meta)
 
 
 SUMMARY_FILE = "run.json"

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--model", help="timm backbone name (same as --set student.backbone=NAME)")
+    p.add_argument("--cache", help="folder of the offline feature dataset: K teacher encodings per image "
+                   "(encode.cache_encodings), built on first use and reused; the teacher is not run while training")
+    p.add_argument("--rebuild-cache", action="store_true", help="replace a --cache built from other inputs")
     _add_config_args(p)
 
     p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"samples: {api.sample(args.run, args.out, args.num, args.steps, args.seed)}")
     elif args.command == "pretrain":
         result = api.pretrain(args.data, args.out, args.teacher, args.method, args.model, args.preset,
-                              args.overrides, args.resume, progress)
+                              args.overrides, args.resume, progress, args.cache, args.rebuild_cache)
         print(f"backbone: {result.files.get('backbone')} ({result.steps} steps, {result.seconds:.0f} s)")
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out, args.format)}")

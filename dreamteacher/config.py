@@ -70,6 +70,9 @@ class EncodeConfig:
     # channels per attention head of a guided-diffusion .pt teacher: not stored in its weights;
     # 64 for the released 256x256 and LSUN models
     adm_head_channels: int = 64
+    # K stochastic encodings per image in the offline feature cache (`pretrain --cache DIR`); each
+    # epoch draws one of them per image, so K sets how many noise draws the student ever sees
+    cache_encodings: int = 4
 
 
 @dataclass

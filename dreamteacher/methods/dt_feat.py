@@ -37,31 +37,43 @@ def resize_to(feats_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class DTFeat(PretrainMethod):
-    """batch of images in [-1, 1] -> {"loss", "mse", "at"}. The teacher is held outside the module
-    tree: it is not wrapped by DDP, not in the optimizer, not in checkpoints (its path is)."""
+    """batch -> {"loss", "mse", "at"}. A batch is images in [-1, 1], encoded online by the teacher,
+    or (images, teacher features) from the offline feature cache (`teachers/cache.py`).
 
-    def __init__(self, config: Config, teacher: DiffusionTeacher, teacher_path: str = ""):
+    The teacher is held outside the module tree: it is not wrapped by DDP, not in the optimizer, not
+    in checkpoints (its path is). With the cache there is no teacher at all while training.
+    """
+
+    def __init__(self, config: Config, feature_specs: list[FeatureSpec], teacher: DiffusionTeacher | None = None,
+                 teacher_path: str = ""):
         super().__init__(config, method="dt-feat", extra={"teacher": teacher_path,
-                                                          "teacher_features": [vars(s) for s in teacher.feature_specs]})
+                                                          "teacher_features": [vars(s) for s in feature_specs]})
         object.__setattr__(self, "teacher", teacher)  # deliberately unregistered, see class docstring
         self.backbone = Backbone(config.student.backbone)
-        self.levels = pair_levels(teacher.feature_specs)
+        self.levels = pair_levels(feature_specs)
         out_channels: list[int | None] = [None] * 4
-        for spec, level in zip(teacher.feature_specs, self.levels):
+        for spec, level in zip(feature_specs, self.levels):
             out_channels[level] = spec.channels
         self.regressor = FeatureRegressor(self.backbone.channels, out_channels, config.student.regressor_channels,
                                           config.student.ppm_scales)
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Regressor outputs paired with the teacher's features, in the teacher's block order."""
         outputs = self.regressor(self.backbone(images))
         return [outputs[level] for level in self.levels]
 
-    def compute_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        teacher_feats = self.teacher.encode(images)
+    def teacher_features(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if isinstance(batch, (list, tuple)):  # cached: fp16 on disk, regressed in the step's precision
+            images, cached = batch
+            return images, [f.to(images.dtype) for f in cached]
+        return batch, self.teacher.encode(batch)
+
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        images, teacher_feats = self.teacher_features(batch)
         student_feats = self.student_features(images)
         targets = [resize_to(t, s.shape[-2:]) for t, s in zip(teacher_feats, student_feats)]
         cfg = self.config.loss

@@ -127,14 +127,14 @@ def training_seconds(trainer: L.Trainer) -> float:
 
 
 def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch: int,
-                  progress: bool = True) -> L.Trainer:
+                  progress: bool = True, callbacks: list[Callback] = ()) -> L.Trainer:
     keep_previous_logs(run_dir)
     ckpt_cb = ModelCheckpoint(dirpath=Path(run_dir) / CHECKPOINT_DIR, save_last=True, save_top_k=0,
                               every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_on_train_epoch_end=False)
     ckpt_cb.CHECKPOINT_NAME_LAST = "last"
     loggers = [CSVLogger(run_dir, name="", version="logs"),
                TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False)]
-    callbacks: list[Callback] = [ckpt_cb, StepProgress(global_batch, show=progress)]
+    callbacks = [ckpt_cb, StepProgress(global_batch, show=progress), *callbacks]
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, logger=loggers,

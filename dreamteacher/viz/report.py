@@ -97,7 +97,7 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tup
     from dreamteacher.train.engine import checkpoint_path
 
     ckpt = read_checkpoint(checkpoint_path(run))
-    method = DTFeat(config, teacher)
+    method = DTFeat(config, teacher.feature_specs, teacher)
     method.load_state_dict(ckpt["state_dict"])
     method.eval()
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,171 @@
+"""The offline feature dataset of section 3.1: K stochastic encodings of every image, computed once,
+stored in fp16 as memory-mapped arrays and reused every epoch (the teacher is not run while training).
+
+A cache folder holds `meta.json` and one `block{b}.npy` per teacher block, shaped (N, K, C, h, w).
+It is keyed on the teacher's weights, t, the encoding mode, the blocks, the resolution and the image
+list (names and sizes): a cache built from other inputs is refused with the setting that differs.
+It is built in a sibling `.partial` folder that replaces the target in one rename, so a killed build
+leaves either nothing or a complete cache, never a half-written one that gets read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from dreamteacher.data.images import ImageFolder, uint8_to_unit
+from dreamteacher.errors import UserError
+from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
+
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """sha256 of the teacher's weight files (content, not dates: a copied teacher keeps its cache)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def images_fingerprint(dataset: ImageFolder, root: Path) -> str:
+    """Names and sizes of the images, in dataset order (the cache is indexed like the dataset)."""
+    entries = [(str(p.relative_to(root)), p.stat().st_size) for p in dataset.paths]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def cache_key(teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder, root: Path,
+              encodings: int) -> dict:
+    return {"version": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher_path), "t": teacher.t,
+            "mode": teacher.mode, "blocks": list(teacher.blocks), "resolution": [dataset.height, dataset.width],
+            "images": images_fingerprint(dataset, root), "num_images": len(dataset), "encodings": encodings}
+
+
+def read_meta(folder: Path) -> dict | None:
+    path = folder / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_key(folder: Path, meta: dict, key: dict) -> None:
+    """Refuse a cache built from other inputs, naming what changed."""
+    changed = [name for name in key if meta["key"].get(name) != key[name]]
+    if changed:
+        detail = ", ".join(f"{name}: cached {meta['key'].get(name)!r}, now {key[name]!r}" for name in changed)
+        raise UserError(f"feature cache {folder} was built from other inputs ({detail}); use another "
+                        "--cache folder, or --rebuild-cache to replace it")
+
+
+@torch.no_grad()
+def build_cache(folder: Path, teacher: DiffusionTeacher, dataset: ImageFolder, key: dict, device: torch.device,
+                batch_size: int = 16, seed: int = 0, progress: bool = True) -> dict:
+    """Encode every image K times (fresh noise each time) into `folder`, atomically."""
+    specs = teacher.feature_specs
+    height, width = dataset.height, dataset.width
+    num, encodings = len(dataset), key["encodings"]
+    shapes = [(num, encodings, s.channels, height // s.stride, width // s.stride) for s in specs]
+    need = sum(int(np.prod(shape)) * 2 for shape in shapes)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed build left
+    partial.mkdir(parents=True)
+    free = shutil.disk_usage(partial).free
+    if need > free:
+        shutil.rmtree(partial)
+        raise UserError(f"feature cache {folder}: needs {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free; "
+                        "lower cache encodings or the resolution, or choose another --cache folder")
+    arrays = [np.lib.format.open_memmap(partial / f"block{s.block}.npy", mode="w+", dtype=np.float16, shape=shape)
+              for s, shape in zip(specs, shapes)]
+    teacher.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bar = tqdm(total=num * encodings, desc="cache", unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, num, batch_size):
+        stop = min(num, start + batch_size)
+        images = torch.stack([uint8_to_unit(dataset.load(i)) for i in range(start, stop)]).to(device)
+        for k in range(encodings):
+            for array, feats in zip(arrays, teacher.encode(images, generator=generator)):
+                array[start:stop, k] = feats.to(torch.float16).cpu().numpy()
+            bar.update(stop - start)
+    bar.close()
+    for array in arrays:
+        array.flush()
+    meta = {"key": key, "features": [vars(s) for s in specs], "shapes": [list(s) for s in shapes],
+            "bytes": need}
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+    del arrays
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)  # the only moment the cache appears: complete
+    return meta
+
+
+def open_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder,
+               data_root: str | Path, encodings: int, device: torch.device, rebuild: bool = False,
+               progress: bool = True) -> dict:
+    """The cache's meta, after building it when absent (or when `rebuild`); refused when stale."""
+    folder, root = Path(folder), Path(data_root)
+    if encodings < 1:
+        raise UserError(f"cache.encodings must be at least 1, got {encodings}")
+    if folder.is_file():
+        raise UserError(f"--cache must be a folder, not the file {folder}")
+    key = cache_key(teacher_path, teacher, dataset, root, encodings)
+    meta = read_meta(folder)
+    if meta is not None and not rebuild:
+        check_key(folder, meta, key)
+        return meta
+    if folder.is_dir() and meta is None and any(folder.iterdir()):
+        raise UserError(f"--cache {folder} holds other files and no feature cache; choose an empty or new folder")
+    return build_cache(folder, teacher, dataset, key, device, seed=0, progress=progress)
+
+
+def wait_for_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder,
+                   data_root: str | Path, encodings: int, poll_seconds: float = 2.0) -> dict:
+    """The other processes of a multi-process run: wait until rank 0 has built the cache for these
+    inputs (torchrun and SLURM stop the whole job if rank 0 fails)."""
+    folder = Path(folder)
+    key = cache_key(teacher_path, teacher, dataset, Path(data_root), encodings)
+    while True:
+        meta = read_meta(folder)
+        if meta is not None and meta["key"] == key:
+            return meta
+        time.sleep(poll_seconds)
+
+
+class CachedFeatures(Dataset):
+    """(image in [-1, 1], [teacher feature per block]) with one of the K cached encodings drawn at
+    random per image per epoch. A flip applies to the image and its features together."""
+
+    def __init__(self, images: ImageFolder, folder: str | Path, meta: dict):
+        self.images, self.folder, self.meta = images, Path(folder), meta
+        self.specs = [FeatureSpec(**f) for f in meta["features"]]
+        self._arrays: list[np.ndarray] | None = None  # opened lazily: once per worker process
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def arrays(self) -> list[np.ndarray]:
+        if self._arrays is None:
+            self._arrays = [np.load(self.folder / f"block{s.block}.npy", mmap_mode="r") for s in self.specs]
+        return self._arrays
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        image = uint8_to_unit(self.images.load(index))
+        k = int(torch.randint(self.meta["key"]["encodings"], ()))
+        feats = [torch.from_numpy(np.array(array[index, k])) for array in self.arrays()]  # copy out of the map
+        if self.images.hflip and torch.rand(()) < 0.5:
+            image, feats = image.flip(-1), [f.flip(-1) for f in feats]
+        return image, feats

@@ -1,0 +1,132 @@
+"""The offline feature cache: what it stores, when it is reused, refused or rebuilt, and that a killed
+build is never read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, write_images
+from dreamteacher import api
+from dreamteacher.config import build_config
+from dreamteacher.data.images import ImageFolder, uint8_to_unit
+from dreamteacher.errors import UserError
+from dreamteacher.teachers.cache import CachedFeatures, build_cache, cache_key, open_cache, read_meta
+
+CPU = torch.device("cpu")
+
+
+def setup(root: Path, teacher_dir: Path, count: int = 6, t: int = 50):
+    images = write_images(root / "images", count=count)
+    config = build_config(None, TINY + [f"encode.t={t}"])
+    dataset = ImageFolder(images, config.data.resolution, hflip=False)
+    return images, dataset, api.load_teacher(teacher_dir, config)
+
+
+def test_cache_holds_k_teacher_encodings_in_fp16(tmp_path, tiny_teacher_dir):
+    images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
+    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, images, encodings=2, device=CPU,
+                      progress=False)
+    arrays = [np.load(tmp_path / "cache" / f"block{s.block}.npy") for s in teacher.feature_specs]
+    assert [a.shape for a in arrays] == [(6, 2, s.channels, 32 // s.stride, 32 // s.stride)
+                                         for s in teacher.feature_specs]
+    assert all(a.dtype == np.float16 for a in arrays)
+    # the same noise draws, replayed: cache = teacher encoding, to fp16 precision
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.stack([uint8_to_unit(dataset.load(i)) for i in range(6)])
+    for k in range(2):
+        for array, feats in zip(arrays, teacher.encode(batch, generator=generator)):
+            torch.testing.assert_close(torch.from_numpy(array[:, k]).float(), feats, atol=2e-2, rtol=2e-3)
+    # two encodings are two noise draws, not one stored twice
+    assert not np.array_equal(arrays[-1][:, 0], arrays[-1][:, 1])
+    assert meta["key"]["encodings"] == 2 and read_meta(tmp_path / "cache") == meta
+
+
+def test_cache_is_reused_and_refused_when_its_inputs_changed(tmp_path, tiny_teacher_dir):
+    images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
+    folder = tmp_path / "cache"
+    open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+    other_t = api.load_teacher(tiny_teacher_dir, build_config(None, TINY + ["encode.t=20"]))
+    with pytest.raises(UserError, match=r"t: cached 50, now 20.*--rebuild-cache"):
+        open_cache(folder, tiny_teacher_dir, other_t, dataset, images, 1, CPU, progress=False)
+    other_blocks = api.load_teacher(tiny_teacher_dir, build_config(None, TINY + ["encode.blocks=[0,2]"]))
+    with pytest.raises(UserError, match="blocks"):
+        open_cache(folder, tiny_teacher_dir, other_blocks, dataset, images, 1, CPU, progress=False)
+    with pytest.raises(UserError, match="encodings: cached 1, now 3"):
+        open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 3, CPU, progress=False)
+    write_images(images, count=7)  # one more image
+    grown = ImageFolder(images, [32, 32], hflip=False)
+    with pytest.raises(UserError, match="images"):
+        open_cache(folder, tiny_teacher_dir, teacher, grown, images, 1, CPU, progress=False)
+    retrained = next(tiny_teacher_dir.rglob("*.safetensors"))  # other weights, same everything else
+    tensors = __import__("safetensors.torch", fromlist=["load_file"]).load_file(retrained)
+    __import__("safetensors.torch", fromlist=["save_file"]).save_file(
+        {k: v + 1 if i == 0 else v for i, (k, v) in enumerate(tensors.items())}, retrained)
+    with pytest.raises(UserError, match="teacher"):
+        open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    meta = open_cache(folder, tiny_teacher_dir, teacher, grown, images, 1, CPU, rebuild=True, progress=False)
+    assert meta["key"]["num_images"] == 7
+
+
+def test_a_killed_build_is_never_read(tmp_path, tiny_teacher_dir, monkeypatch):
+    images, dataset, teacher = setup(tmp_path, tiny_teacher_dir, count=8)
+    folder = tmp_path / "cache"
+    calls = {"n": 0}
+    real_encode = teacher.encode
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process is stopped halfway through the build
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(teacher, "encode", dies_on_second_batch)
+    key = cache_key(tiny_teacher_dir, teacher, dataset, images, 1)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(folder, teacher, dataset, key, CPU, batch_size=4, progress=False)
+    assert not folder.exists() and read_meta(folder) is None  # only the .partial sibling was written
+    monkeypatch.setattr(teacher, "encode", real_encode)
+    meta = open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    assert meta["key"] == key and not folder.with_name("cache.partial").exists()
+
+
+def test_cached_sample_flips_image_and_features_together(tmp_path, tiny_teacher_dir):
+    images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
+    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    flipping = CachedFeatures(ImageFolder(images, [32, 32], hflip=True), tmp_path / "cache", meta)
+    stored = [np.load(tmp_path / "cache" / f"block{s.block}.npy")[3, 0] for s in teacher.feature_specs]
+    original = uint8_to_unit(dataset.load(3))
+    seen = set()
+    for _ in range(20):
+        image, feats = flipping[3]
+        flipped = not torch.equal(image, original)
+        assert torch.equal(image, original.flip(-1) if flipped else original)
+        for f, s in zip(feats, stored):
+            assert torch.equal(f, torch.from_numpy(s).flip(-1) if flipped else torch.from_numpy(s))
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_pretrain_with_cache_trains_without_the_teacher(tmp_path, tiny_teacher_dir, monkeypatch):
+    images = write_images(tmp_path / "images")
+    first = api.pretrain(images, tmp_path / "a", tiny_teacher_dir, preset=None, overrides=TINY, progress=False,
+                         cache=tmp_path / "cache")
+    assert (first.run_dir / "backbone.safetensors").is_file() and first.steps == 4
+    assert read_meta(tmp_path / "cache")["key"]["encodings"] == 4  # encode.cache_encodings default
+
+    from dreamteacher.teachers.diffusion import DiffusionTeacher
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although the cache holds its features")
+
+    monkeypatch.setattr(DiffusionTeacher, "encode", no_teacher)
+    second = api.pretrain(images, tmp_path / "b", tiny_teacher_dir, overrides=TINY, progress=False,
+                          cache=tmp_path / "cache")
+    assert second.steps == 4 and np.isfinite(second.final_loss)
