@@ -162,6 +162,8 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
+    stochastic = cache is None and config.encode.mode == "stochastic"
+    dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=stochastic)
     ckpt = engine.prepare_run_dir(run_dir, resume)
     save_config(config, run_dir / CONFIG_FILE)
     (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve()),
@@ -171,8 +173,9 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     per_epoch = engine.steps_per_epoch(len(dataset), opt.batch_size)
     total = opt.max_steps if opt.max_steps > 0 else opt.epochs * per_epoch
     trainer = engine.build_trainer(config.trainer, run_dir, total, opt.batch_size, progress, callbacks)
-    loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size")
-    specs = dataset.specs if cache is not None else teacher_model.feature_specs
+    loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size",
+                                seed=config.trainer.seed)
+    specs = dataset.dataset.specs if cache is not None else teacher_model.feature_specs
     module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / max(1, opt.epochs))

@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated, e.g. 0")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("bench-speed", help="time the parts and the whole of a pretraining step (images/s, memory)")
+    p.add_argument("--preset", default="cpu-small", help="pretraining preset to time (default cpu-small)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set trainer.channels_last=true (repeatable)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--teacher", help="teacher to time (default: the preset's U-Net, untrained: same cost)")
+    p.add_argument("--data", help="image folder of optim.batch_size x --steps images (default: synthetic 480x360 JPEGs)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (one epoch)")
+    p.add_argument("--no-cache", action="store_true", help="skip the feature-cache comparison")
+    p.add_argument("--out", help="also write the figures as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("info", help="what a run folder, checkpoint or export holds")
     p.add_argument("path")
 
@@ -110,7 +122,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "pretrain":
         result = api.pretrain(args.data, args.out, args.teacher, args.method, args.model, args.preset,
                               args.overrides, args.resume, progress, args.cache, args.rebuild_cache)
-        print(f"backbone: {result.files.get('backbone')} ({result.steps} steps, {result.seconds:.0f} s)")
+        if "backbone" in result.files:  # written by the first process only
+            print(f"backbone: {result.files['backbone']} ({result.steps} steps, {result.seconds:.0f} s)")
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out, args.format)}")
     elif args.command == "finetune":
@@ -141,6 +154,14 @@ def run(args: argparse.Namespace) -> None:
                        listed(args.rows), listed(args.fractions), seeds, progress)
         print(result.files["md"].read_text())
         print(f"results: {', '.join(str(p) for p in result.files.values())}")
+    elif args.command == "bench-speed":
+        from dreamteacher.bench.speed import bench_speed, format_speed
+
+        results = bench_speed(args.preset, args.overrides, args.device, args.teacher, args.data, args.steps,
+                              args.out, cache=not args.no_cache, progress=progress)
+        print(format_speed(results))
+        if args.out:
+            print(f"results: {args.out}")
     elif args.command == "info":
         import yaml
 

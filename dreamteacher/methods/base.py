@@ -31,8 +31,8 @@ class PretrainMethod(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
-        for name, value in losses.items():
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False)
+        for name, value in losses.items():  # averaged over processes: the loss of the global batch
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return losses["loss"]
 

@@ -57,9 +57,19 @@ class DTFeat(PretrainMethod):
         self.regressor = FeatureRegressor(self.backbone.channels, out_channels, config.student.regressor_channels,
                                           config.student.ppm_scales)
 
+        if config.trainer.compile:  # in place: parameter names (checkpoints, exports) stay the same
+            self.backbone.compile()
+            self.regressor.compile()
+        self.memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
+
     def on_fit_start(self) -> None:
+        self.place(self.device)
+
+    def place(self, device: torch.device) -> None:
+        """Student and teacher on `device`, in the configured memory format."""
+        self.to(device=device, memory_format=self.memory_format)
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            self.teacher.to(device=device, memory_format=self.memory_format)
 
     def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Regressor outputs paired with the teacher's features, in the teacher's block order."""
@@ -67,10 +77,15 @@ class DTFeat(PretrainMethod):
         return [outputs[level] for level in self.levels]
 
     def teacher_features(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if isinstance(batch, (list, tuple)):  # cached: fp16 on disk, regressed in the step's precision
-            images, cached = batch
-            return images, [f.to(images.dtype) for f in cached]
-        return batch, self.teacher.encode(batch)
+        """(images, teacher features) of a batch: images alone (encoded with fresh noise), or a dict
+        of `images` with `features` (the feature cache: fp16, used in the step's precision) or with
+        `noise` (per-sample seeded, see `engine.SeededSamples`)."""
+        if not isinstance(batch, dict):
+            batch = {"images": batch}
+        images = batch["images"].contiguous(memory_format=self.memory_format)
+        if "features" in batch:
+            return images, [f.to(images.dtype) for f in batch["features"]]
+        return images, self.teacher.encode(images, eps=batch.get("noise"))
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         images, teacher_feats = self.teacher_features(batch)

@@ -91,7 +91,10 @@ class DiffusionTeacher(nn.Module):
 
     # -- the U-Net -----------------------------------------------------------------------------
     def _timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
-        return torch.as_tensor(t, device=self.alphas_cumprod.device).long().expand(batch)
+        if isinstance(t, torch.Tensor):
+            return t.to(self.alphas_cumprod.device).long().expand(batch)
+        # filled on the device: copying a host scalar over would wait for the GPU every step
+        return torch.full((batch,), int(t), device=self.alphas_cumprod.device, dtype=torch.long)
 
     def predict_eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         # learned-variance models (guided-diffusion) output [eps, v]: keep eps
@@ -126,9 +129,11 @@ class DiffusionTeacher(nn.Module):
         """Cumulative alpha at step t; t = -1 means the clean image (alpha_bar = 1)."""
         return self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod.new_tensor(1.0)
 
-    def noise(self, images: torch.Tensor, t: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Forward diffusion q(x_t | x_0) with fresh noise."""
-        eps = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    def noise(self, images: torch.Tensor, t: int, generator: torch.Generator | None = None,
+              eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward diffusion q(x_t | x_0), with `eps` ~ N(0, I) given or drawn fresh."""
+        if eps is None:
+            eps = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         a = self.alpha_bar(t)
         return a.sqrt() * images + (1 - a).sqrt() * eps
 
@@ -161,12 +166,13 @@ class DiffusionTeacher(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, t: int | None = None, mode: str | None = None,
-               generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Images in [-1, 1] -> teacher features at the configured blocks (section 3.1)."""
+               generator: torch.Generator | None = None, eps: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Images in [-1, 1] -> teacher features at the configured blocks (section 3.1); `eps`: the
+        noise of the stochastic encoding when the caller draws it (per-sample seeded data)."""
         t = self.t if t is None else t
         mode = self.mode if mode is None else mode
         if mode == "stochastic":
-            x_t = self.noise(images, t, generator)
+            x_t = self.noise(images, t, generator, eps)
         elif mode == "ddim":
             x_t = self.invert(images, t, self.ddim_steps)
         else:

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from dreamteacher.config import TrainerConfig
@@ -47,6 +47,8 @@ class StepProgress(Callback):
         self._bar: tqdm | None = None
         self.seconds_before = 0.0  # training time of earlier (resumed) parts
         self._start: float | None = None
+        self._shown = 0.0
+        self.refresh_seconds = 1.0
 
     @property
     def seconds(self) -> float:
@@ -71,8 +73,11 @@ class StepProgress(Callback):
         self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
         pl_module.log("img_s", self._rate, on_step=True, on_epoch=False, rank_zero_only=True)
         if self._bar is not None:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self._bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{self._rate:.1f}", refresh=False)
+            # reading the loss waits for the GPU: do it when the bar is redrawn (~1/s), not every step
+            if now - self._shown >= self.refresh_seconds:
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                self._bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{self._rate:.1f}", refresh=False)
+                self._shown = now
             self._bar.update(trainer.global_step - self._bar.n)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -144,9 +149,45 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
     )
 
 
+class SeededSamples(Dataset):
+    """Per-sample randomness drawn from (seed, epoch, index) alone: a sample's flip, its cached
+    encoding and its diffusion noise are then the same whatever the number of processes, machines or
+    loader workers, so runs at different world sizes (and resumes across them) see the same data.
+
+    Indexed by `(index, epoch)` keys from `EpochKeySampler`; returns a dict batch element:
+    `images`, and `features` (from the feature cache) or `noise` (N(0, I) of the image's shape, when
+    `noise` is on).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, noise: bool):
+        self.dataset, self.seed, self.noise = dataset, seed, noise
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+            sample = self.dataset[index]
+            item = {"images": sample[0], "features": sample[1]} if isinstance(sample, tuple) else {"images": sample}
+            if self.noise:
+                item["noise"] = torch.randn(item["images"].shape)
+        return item
+
+
+class EpochKeySampler(DistributedSampler):
+    """DistributedSampler yielding `(index, epoch)`; one permutation per epoch for all world sizes, so
+    with drop_last the processes' batches together are exactly the one-process batch."""
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
+
+
 def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_workers: int,
-                setting: str) -> DataLoader:
-    """Per-process loader: the global batch is split evenly over all processes."""
+                setting: str, seed: int = 0) -> DataLoader:
+    """Per-process loader: the global batch is split evenly over all processes. A `SeededSamples`
+    dataset is sharded here (no sample twice in an epoch); others by Lightning's sampler."""
     world = trainer.world_size
     if global_batch % world:
         raise UserError(f"{setting}={global_batch} is not divisible by the {world} processes")
@@ -154,8 +195,13 @@ def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_wor
     if per_process > len(dataset) // world:
         raise UserError(f"{setting}={global_batch} is larger than the {len(dataset)} images; lower it")
     workers = min(num_workers, os.cpu_count() or 1)
-    return DataLoader(dataset, batch_size=per_process, shuffle=True, drop_last=True, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    options = dict(batch_size=per_process, drop_last=True, num_workers=workers,
+                   pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    if isinstance(dataset, SeededSamples):
+        sampler = EpochKeySampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=True, seed=seed,
+                                  drop_last=True)
+        return DataLoader(dataset, sampler=sampler, **options)
+    return DataLoader(dataset, shuffle=True, **options)
 
 
 def steps_per_epoch(num_images: int, global_batch: int) -> int:

@@ -1,0 +1,89 @@
+"""Many processes: sharding without duplicates, the same data whatever the world size, a two-process
+(gloo) run that follows the one-process loss curve, and a resume at another world size."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import TINY, write_images
+from dreamteacher.checkpoints import read_checkpoint
+from dreamteacher.data.images import ImageFolder
+from dreamteacher.train.engine import EpochKeySampler, SeededSamples
+
+CLI = [sys.executable, "-m", "dreamteacher.cli"]
+
+
+def batches(dataset, world: int, rank: int, global_batch: int, epoch: int) -> list[dict]:
+    sampler = EpochKeySampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=3, drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True))
+
+
+def test_every_world_size_sees_the_same_global_batches(tmp_path):
+    dataset = SeededSamples(ImageFolder(write_images(tmp_path / "images", count=12), [32, 32], hflip=True),
+                            seed=3, noise=True)
+    for epoch in (0, 1):
+        one = batches(dataset, 1, 0, 4, epoch)
+        ranks = [batches(dataset, 2, rank, 4, epoch) for rank in (0, 1)]
+        assert len(one) == len(ranks[0]) == len(ranks[1]) == 3
+        for step, whole in enumerate(one):
+            shards = [ranks[0][step], ranks[1][step]]
+            for key in ("images", "noise"):  # same images, same flips, same noise: only split differently
+                together = torch.cat([s[key] for s in shards])
+                assert sorted(map(hash_tensor, together)) == sorted(map(hash_tensor, whole[key]))
+        seen = [hash_tensor(x) for rank in ranks for b in rank for x in b["noise"]]
+        assert len(seen) == len(set(seen)) == 12  # each image once per epoch, in one process only
+    # a new epoch draws new flips and noise for the same image
+    first, second = (torch.cat([b["noise"] for b in batches(dataset, 1, 0, 4, e)]) for e in (0, 1))
+    assert not torch.equal(first.sort(0).values, second.sort(0).values)
+
+
+def hash_tensor(t: torch.Tensor) -> int:
+    return hash(t.flatten()[:64].numpy().tobytes())
+
+
+def losses(run: Path) -> list[float]:
+    rows = [row for row in csv.DictReader(open(run / "logs" / "metrics.csv")) if row.get("train/loss")]
+    return [float(row["train/loss"]) for row in rows]
+
+
+# BatchNorm normalizes over each process's share of the batch (SyncBatchNorm needs a GPU), so the
+# curves differ by the batch-statistics noise of 8 vs 16 images: a few percent, not more.
+CURVE_TOLERANCE = 0.05
+
+
+def test_two_process_gloo_run_follows_the_one_process_curve_and_resumes_at_another_size(tmp_path,
+                                                                                        tiny_teacher_dir):
+    images = write_images(tmp_path / "images", count=32)
+    settings = [*TINY, "optim.batch_size=16", "optim.epochs=3", "trainer.checkpoint_every_n_steps=100"]
+    common = ["--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def pretrain(out: Path, *extra: str) -> None:
+        args = [*CLI, "pretrain", *common, "--out", str(out)]
+        for item in [*settings, *extra]:
+            args += ["--set", item]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    pretrain(tmp_path / "one")
+    pretrain(tmp_path / "two", "trainer.devices=2", "trainer.strategy=ddp")
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6  # 2 steps per epoch: the global batch is split, not doubled
+    for step, (a, b) in enumerate(zip(one, two)):
+        assert abs(a - b) <= CURVE_TOLERANCE * a, f"step {step}: one process {a:.4f}, two processes {b:.4f}"
+
+    # the two-process checkpoint continues in one process
+    args = [*CLI, "pretrain", "--data", str(images), "--out", str(tmp_path / "two"), "--resume", "--no-progress",
+            "--set", "optim.max_steps=8"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "two" / "checkpoints" / "last.ckpt")["global_step"] == 8

@@ -1,0 +1,23 @@
+"""bench-speed runs every timed part and writes the figures it reports (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TINY
+from dreamteacher.bench.speed import bench_speed, format_speed
+
+
+def test_bench_speed_times_parts_whole_and_cache(tmp_path):
+    out = tmp_path / "speed.json"
+    results = bench_speed(preset=None, overrides=TINY, steps=2, out=out, progress=False)
+    assert json.loads(out.read_text()) == results
+    seconds = results["seconds_per_step"]
+    assert set(seconds) == {"data", "teacher", "student", "sum_of_parts", "whole", "whole_cached"}
+    assert all(value > 0 for value in seconds.values())
+    assert results["step_over_parts"] == seconds["whole"] / seconds["sum_of_parts"]
+    assert results["cache_speedup"] == seconds["whole"] / seconds["whole_cached"]
+    assert results["images_per_second"] == 4 / seconds["whole"]
+    assert results["peak_memory_mb"]["whole"] > 0
+    text = format_speed(results)
+    assert "whole / sum of parts" in text and "cache speedup" in text
