@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
     job = prepare_pretraining(data, out, teacher, method, model, preset, merge_overrides(overrides, sections),
                               resume, progress, cache, rebuild_cache)
     trainer = job.trainer
-    trainer.fit(job.module, job.loader, ckpt_path=job.resume_from)
+    with warnings.catch_warnings():  # engine.ResumeMidEpoch continues an interrupted epoch where it stopped
+        warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+        trainer.fit(job.module, job.loader, ckpt_path=job.resume_from)
     trainer.save_checkpoint(engine.checkpoint_path(job.run_dir))
     result = RunResult(job.run_dir, engine.checkpoint_path(job.run_dir), trainer.global_step,
                        engine.training_seconds(trainer), _final_loss(trainer))

@@ -108,8 +108,9 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # "ddp" for many GPUs or CPU processes
     precision: str = "32-true"  # "bf16-mixed" on GPUs
-    channels_last: bool = False  # NHWC student, teacher and images: faster convolutions on tensor-core GPUs
-    compile: bool = False  # torch.compile the student and its regressor (the teacher's early exit would break its graph)
+    sync_batchnorm: bool = False  # BatchNorm over the global batch in multi-GPU runs (CUDA only)
+    channels_last: bool = False  # pretraining: NHWC student, teacher and images (faster convs on tensor cores)
+    compile: bool = False  # pretraining: torch.compile student + regressor (the teacher's early exit breaks graphs)
     seed: int = 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500

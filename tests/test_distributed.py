@@ -1,5 +1,6 @@
 """Many processes: sharding without duplicates, the same data whatever the world size, a two-process
-(gloo) run that follows the one-process loss curve, and a resume at another world size."""
+(gloo) run that follows the one-process loss curve, a resume at another world size, and a run
+stopped mid-epoch that resumes to the very weights of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from conftest import TINY, write_images
+from dreamteacher import api
 from dreamteacher.checkpoints import read_checkpoint
 from dreamteacher.data.images import ImageFolder
 from dreamteacher.train.engine import EpochKeySampler, SeededSamples
@@ -87,3 +91,30 @@ def test_two_process_gloo_run_follows_the_one_process_curve_and_resumes_at_anoth
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_checkpoint(tmp_path / "two" / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+
+class StopAt(Callback):
+    """Stands in for a kill: stops the run once `step` optimizer steps are done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("stopped")
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_teacher_dir):
+    images = write_images(tmp_path / "images", count=8)  # batch 4: 2 steps per epoch, 6 in all
+    whole = api.pretrain(images, tmp_path / "whole", tiny_teacher_dir, overrides=TINY + ["optim.epochs=3"],
+                         progress=False)
+    job = api.prepare_pretraining(images, tmp_path / "cut", tiny_teacher_dir, overrides=TINY + ["optim.epochs=3"],
+                                  progress=False, callbacks=[StopAt(4)])
+    with pytest.raises(RuntimeError, match="stopped"):
+        job.trainer.fit(job.module, job.loader)
+    assert read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")["global_step"] == 3  # mid epoch 1
+    resumed = api.pretrain(images, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.steps == whole.steps == 6
+    a = load_file(whole.files["backbone"])
+    b = load_file(resumed.files["backbone"])
+    assert all(torch.equal(a[key], b[key]) for key in a)  # the same batches, flips and noise, in order

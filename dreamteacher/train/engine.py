@@ -139,10 +139,11 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
     ckpt_cb.CHECKPOINT_NAME_LAST = "last"
     loggers = [CSVLogger(run_dir, name="", version="logs"),
                TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False)]
-    callbacks = [ckpt_cb, StepProgress(global_batch, show=progress), *callbacks]
+    callbacks = [ckpt_cb, StepProgress(global_batch, show=progress), ResumeMidEpoch(), *callbacks]
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, logger=loggers,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, sync_batchnorm=t.sync_batchnorm,
+        logger=loggers,
         callbacks=callbacks, default_root_dir=run_dir, log_every_n_steps=max(1, t.log_every_n_steps),
         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=True,
@@ -178,10 +179,38 @@ class SeededSamples(Dataset):
 
 class EpochKeySampler(DistributedSampler):
     """DistributedSampler yielding `(index, epoch)`; one permutation per epoch for all world sizes, so
-    with drop_last the processes' batches together are exactly the one-process batch."""
+    with drop_last the processes' batches together are exactly the one-process batch.
+
+    `resume_at = (epoch, samples)` starts that epoch `samples` further in: a run resumed mid-epoch goes
+    on with the batches it had not trained yet, at any world size (see `ResumeMidEpoch`).
+    """
+
+    resume_at: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.resume_at is not None and self.resume_at[0] != epoch:
+            self.resume_at = None  # the resumed epoch is over
 
     def __iter__(self):
-        return ((index, self.epoch) for index in super().__iter__())
+        indices = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            indices = indices[self.resume_at[1]:]
+        return ((index, self.epoch) for index in indices)
+
+
+class ResumeMidEpoch(Callback):
+    """Lightning restarts an interrupted epoch from its first batch; with an `EpochKeySampler` the
+    epoch instead continues after the global batches already trained."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, EpochKeySampler):
+            return
+        trained = trainer.global_step - trainer.current_epoch * trainer.num_training_batches
+        if 0 < trained < trainer.num_training_batches:
+            sampler.resume_at = (trainer.current_epoch, trained * loader.batch_size)
 
 
 def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_workers: int,
