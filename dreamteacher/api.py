@@ -154,20 +154,22 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     run_dir = engine.check_run_dir(out)
     extra = {"student": {"backbone": model}} if model else {}
     config = _resolve_config(run_dir, preset, merge_overrides(overrides, extra), resume)
-    if resume and teacher is None:
-        teacher = _saved_teacher(run_dir)
+    if resume:  # a resumed run keeps its teacher and its feature cache unless told otherwise
+        saved = _saved_inputs(run_dir)
+        teacher = teacher if teacher is not None else saved.get("teacher")
+        cache = cache if cache is not None else saved.get("cache")
     if teacher is None:
         raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
     check_backbone_name(config.student.backbone)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     teacher_model = load_teacher(teacher, config)
     teacher_model.check_resolution(*config.data.resolution)
+    ckpt = engine.prepare_run_dir(run_dir, resume)  # before a cache build: a refused run costs nothing
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
     stochastic = cache is None and config.encode.mode == "stochastic"
     dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=stochastic)
-    ckpt = engine.prepare_run_dir(run_dir, resume)
     save_config(config, run_dir / CONFIG_FILE)
     (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve()),
                                                       "cache": str(Path(cache).resolve()) if cache else None}))
@@ -218,9 +220,10 @@ def read_summary(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _saved_teacher(run_dir: Path) -> str | None:
+def _saved_inputs(run_dir: Path) -> dict:
+    """The teacher (and feature cache) a pretraining run was started with."""
     path = run_dir / "teacher.json"
-    return json.loads(path.read_text())["teacher"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def export(run: str | Path, out: str | Path | None = None, format: str = "timm") -> Path:

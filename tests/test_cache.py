@@ -130,3 +130,5 @@ def test_pretrain_with_cache_trains_without_the_teacher(tmp_path, tiny_teacher_d
     second = api.pretrain(images, tmp_path / "b", tiny_teacher_dir, overrides=TINY, progress=False,
                           cache=tmp_path / "cache")
     assert second.steps == 4 and np.isfinite(second.final_loss)
+    resumed = api.pretrain(images, tmp_path / "b", resume=True, progress=False, optim={"max_steps": 6})
+    assert resumed.steps == 6  # teacher and cache come from the run: still no teacher pass
