@@ -13,7 +13,8 @@ def test_bench_speed_times_parts_whole_and_cache(tmp_path):
     results = bench_speed(preset=None, overrides=TINY, steps=2, out=out, progress=False)
     assert json.loads(out.read_text()) == results
     seconds = results["seconds_per_step"]
-    assert set(seconds) == {"data", "teacher", "student", "sum_of_parts", "whole", "whole_cached"}
+    assert set(seconds) == {"data", "teacher", "student", "sum_of_parts", "whole", "whole_cached",
+                            "teacher_without_early_exit"}
     assert all(value > 0 for value in seconds.values())
     assert results["step_over_parts"] == seconds["whole"] / seconds["sum_of_parts"]
     assert results["cache_speedup"] == seconds["whole"] / seconds["whole_cached"]

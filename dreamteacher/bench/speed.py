@@ -98,6 +98,14 @@ def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
         targets = [module.teacher_features(batch)[1] for batch in batches]  # the online path of the step
         _sync(device)
     teacher = (time.perf_counter() - start) / len(batches)
+    teacher_model, t = job.teacher, job.teacher.t
+    with _autocast(device, precision), torch.no_grad():  # the same encodings without the early exit
+        start = time.perf_counter()
+        for batch in batches:
+            x_t = teacher_model.noise(batch["images"], t, eps=batch.get("noise"))
+            teacher_model.unet(x_t, torch.full((len(x_t),), t, device=device))
+        _sync(device)
+    teacher_full = (time.perf_counter() - start) / len(batches)
 
     optimizer = module.configure_optimizers()["optimizer"]
 
@@ -115,7 +123,7 @@ def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
         student_step(batch, feats)
     _sync(device)
     student = (time.perf_counter() - start) / len(batches)
-    return {"data": data, "teacher": teacher, "student": student}
+    return {"data": data, "teacher": teacher, "student": student}, {"teacher_without_early_exit": teacher_full}
 
 
 def time_training(job, epochs: int = 2) -> float:
@@ -171,22 +179,23 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
 
         online = job("online")
         _reset_peak(torch_device)
-        parts = time_parts(online, torch_device, epochs)
+        parts, reference = time_parts(online, torch_device, epochs)
         parts_memory = _peak_memory_mb(torch_device)
         online = job("online-fit")
         _reset_peak(torch_device)
         whole = time_training(online, epochs)
         whole_memory = _peak_memory_mb(torch_device)
 
+        cpu_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         results = {
-            "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name,
             "torch": torch.__version__, "preset": preset, "teacher": teacher_desc, "data": data_desc,
             "student": config.student.backbone, "resolution": config.data.resolution, "batch_size": batch,
             "encode": {"t": config.encode.t, "blocks": config.encode.blocks, "mode": config.encode.mode},
             "trainer": {"precision": config.trainer.precision, "channels_last": config.trainer.channels_last,
                         "compile": config.trainer.compile, "num_workers": config.data.num_workers},
             "timed_steps": steps,
-            "seconds_per_step": {**parts, "sum_of_parts": sum(parts.values()), "whole": whole},
+            "seconds_per_step": {**parts, "sum_of_parts": sum(parts.values()), "whole": whole, **reference},
             "step_over_parts": whole / sum(parts.values()),
             "images_per_second": batch / whole,
             "images_per_second_parts": {name: batch / seconds for name, seconds in parts.items()},
@@ -223,6 +232,7 @@ def format_speed(results: dict) -> str:
     for name in ("data", "teacher", "student"):
         lines.append(f"{name:<14}{s[name]:>9.3f}{ips[name]:>11.1f}")
     lines.append(f"{'sum of parts':<14}{s['sum_of_parts']:>9.3f}")
+    lines.append(f"(teacher without its early exit: {s['teacher_without_early_exit']:.3f} s/step)")
     lines.append(f"{'whole step':<14}{s['whole']:>9.3f}{results['images_per_second']:>11.1f}")
     lines.append(f"whole / sum of parts: {results['step_over_parts']:.3f}")
     if "cache_speedup" in results:
