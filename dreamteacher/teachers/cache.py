@@ -87,7 +87,7 @@ def build_cache(folder: Path, teacher: DiffusionTeacher, dataset: ImageFolder, k
     if need > free:
         shutil.rmtree(partial)
         raise UserError(f"feature cache {folder}: needs {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free; "
-                        "lower cache encodings or the resolution, or choose another --cache folder")
+                        "lower encode.cache_encodings or data.resolution, or choose another --cache folder")
     arrays = [np.lib.format.open_memmap(partial / f"block{s.block}.npy", mode="w+", dtype=np.float16, shape=shape)
               for s, shape in zip(specs, shapes)]
     teacher.to(device)
@@ -119,7 +119,7 @@ def open_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionT
     """The cache's meta, after building it when absent (or when `rebuild`); refused when stale."""
     folder, root = Path(folder), Path(data_root)
     if encodings < 1:
-        raise UserError(f"cache.encodings must be at least 1, got {encodings}")
+        raise UserError(f"encode.cache_encodings must be at least 1, got {encodings}")
     if folder.is_file():
         raise UserError(f"--cache must be a folder, not the file {folder}")
     key = cache_key(teacher_path, teacher, dataset, root, encodings)
