@@ -109,6 +109,13 @@ def run_info(folder: Path) -> dict[str, Any]:
         results = json.loads((folder / "results.json").read_text())
         return {"kind": "benchmark results", "path": str(folder), "recipe": results.get("recipe"),
                 "cells": len(results.get("rows", [])), "use": f"see {folder / 'results.md'}"}
+    if (folder / "meta.json").is_file() and any(folder.glob("block*.npy")):
+        meta = json.loads((folder / "meta.json").read_text())
+        key = meta["key"]
+        return {"kind": "teacher feature cache", "path": str(folder), "images": key["num_images"],
+                "encodings_per_image": key["encodings"], "t": key["t"], "mode": key["mode"],
+                "blocks": key["blocks"], "resolution": key["resolution"], "teacher_sha256": key["teacher"],
+                "gib": round(meta["bytes"] / 2**30, 3), "use": "dreamteacher pretrain ... --cache PATH"}
     if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
         return {"kind": "diffusers model folder", "path": str(folder), "use": "--teacher PATH"}
     ckpt = checkpoint_path(folder)

@@ -43,6 +43,8 @@ def test_cache_holds_k_teacher_encodings_in_fp16(tmp_path, tiny_teacher_dir):
     # two encodings are two noise draws, not one stored twice
     assert not np.array_equal(arrays[-1][:, 0], arrays[-1][:, 1])
     assert meta["key"]["encodings"] == 2 and read_meta(tmp_path / "cache") == meta
+    info = api.info(tmp_path / "cache")
+    assert info["kind"] == "teacher feature cache" and info["images"] == 6 and info["encodings_per_image"] == 2
 
 
 def test_cache_is_reused_and_refused_when_its_inputs_changed(tmp_path, tiny_teacher_dir):
