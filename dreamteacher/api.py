@@ -100,21 +100,28 @@ def load_teacher(teacher: str | Path, config: Config):
                                   adm_head_channels=e.adm_head_channels)
 
 
+METHODS = ("dt-feat", "dep", "ddep")
+
+
 def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
              model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
              resume: bool = False, progress: bool = True, cache: str | Path | None = None,
-             rebuild_cache: bool = False, **sections: dict) -> RunResult:
-    """Distill a teacher into a timm student `model` (`method="dt-feat"`); writes checkpoints, logs,
-    the resolved config, `out/run.json` and `out/backbone.safetensors` (timm keys).
+             rebuild_cache: bool = False, encoder: str | Path | None = None, **sections: dict) -> RunResult:
+    """Pretrain a timm backbone `model` on unlabeled images; writes checkpoints, logs, the resolved
+    config, `out/run.json` and `out/backbone.safetensors` (timm keys).
+
+    - `method="dt-feat"`: distill `teacher` (DreamTeacher). `cache`: a folder for the offline feature
+      dataset (built on first use, reused after; the teacher is then not run while training).
+    - `method="dep"`: denoising pretraining of a whole U-Net; `"ddep"`: of its decoder alone, on the
+      frozen `encoder` (an exported backbone). Both also write `out/decoder.safetensors`.
 
     Settings as in `train_teacher`: `preset`, `overrides`, then section keywords such as
-    `optim={"epochs": 100}` or `encode={"t": 150}`. `cache`: a folder for the offline feature
-    dataset (built on first use, reused after; the teacher is then not run while training).
+    `optim={"epochs": 100}`, `encode={"t": 150}` or `denoise={"sigma": 0.5}`.
     """
-    from dreamteacher.checkpoints import export_backbone
+    from dreamteacher.checkpoints import export_backbone, export_decoder
 
     job = prepare_pretraining(data, out, teacher, method, model, preset, merge_overrides(overrides, sections),
-                              resume, progress, cache, rebuild_cache)
+                              resume, progress, cache, rebuild_cache, encoder=encoder)
     trainer = job.trainer
     with warnings.catch_warnings():  # engine.ResumeMidEpoch continues an interrupted epoch where it stopped
         warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
@@ -124,6 +131,8 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
                        engine.training_seconds(trainer), _final_loss(trainer))
     if trainer.is_global_zero:
         result.files["backbone"] = export_backbone(result.checkpoint, job.run_dir / "backbone.safetensors")
+        if method in ("dep", "ddep"):
+            result.files["decoder"] = export_decoder(result.checkpoint, job.run_dir / "decoder.safetensors")
         _write_summary(result, method, epochs=trainer.global_step / job.steps_per_epoch)
     return result
 
@@ -145,34 +154,50 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
                         method: str = "dt-feat", model: str | None = None, preset: str | None = None,
                         overrides: list[str] | dict | None = None, resume: bool = False, progress: bool = True,
                         cache: str | Path | None = None, rebuild_cache: bool = False,
-                        callbacks: list = ()) -> PretrainingJob:
-    from dreamteacher.methods.dt_feat import DTFeat
+                        callbacks: list = (), encoder: str | Path | None = None) -> PretrainingJob:
     from dreamteacher.students.backbone import check_backbone_name
 
-    if method != "dt-feat":
-        raise UserError(f"unknown method '{method}'; available: dt-feat")
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
     run_dir = engine.check_run_dir(out)
-    extra = {"student": {"backbone": model}} if model else {}
-    config = _resolve_config(run_dir, preset, merge_overrides(overrides, extra), resume)
-    if resume:  # a resumed run keeps its teacher and its feature cache unless told otherwise
+    if resume:  # a resumed run keeps its teacher, feature cache and encoder unless told otherwise
         saved = _saved_inputs(run_dir)
         teacher = teacher if teacher is not None else saved.get("teacher")
         cache = cache if cache is not None else saved.get("cache")
-    if teacher is None:
-        raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
+        encoder = encoder if encoder is not None else saved.get("encoder")
+    encoder_name, encoder_weights = None, None
+    if method == "ddep":
+        if encoder is None:
+            raise UserError("--method ddep needs --encoder: an exported backbone (the frozen encoder)")
+        from dreamteacher.checkpoints import read_backbone_export
+
+        encoder_name, encoder_weights, _ = read_backbone_export(encoder)
+        if model and model != encoder_name:
+            raise UserError(f"--model {model} differs from the encoder's model {encoder_name} ({encoder})")
+        model = encoder_name
+    elif encoder is not None:
+        raise UserError(f"--encoder is for --method ddep (the frozen encoder), not {method}")
+    if method != "dt-feat" and (teacher is not None or cache is not None):
+        raise UserError(f"--teacher and --cache are for --method dt-feat; {method} learns from the images alone")
+    extra = {"student": {"backbone": model}} if model else {}
+    config = _resolve_config(run_dir, preset, merge_overrides(overrides, extra), resume)
     check_backbone_name(config.student.backbone)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
-    teacher_model = load_teacher(teacher, config)
-    teacher_model.check_resolution(*config.data.resolution)
+    if method == "dt-feat":
+        if teacher is None:
+            raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
+        teacher_model = load_teacher(teacher, config)
+        teacher_model.check_resolution(*config.data.resolution)
     ckpt = engine.prepare_run_dir(run_dir, resume)  # before a cache build: a refused run costs nothing
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
-    stochastic = cache is None and config.encode.mode == "stochastic"
-    dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=stochastic)
+    needs_noise = method != "dt-feat" or (cache is None and config.encode.mode == "stochastic")
+    dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=needs_noise)
     save_config(config, run_dir / CONFIG_FILE)
-    (run_dir / "teacher.json").write_text(json.dumps({"teacher": str(Path(teacher).resolve()),
-                                                      "cache": str(Path(cache).resolve()) if cache else None}))
+    inputs = {"teacher": teacher, "cache": cache, "encoder": encoder}
+    (run_dir / INPUTS_FILE).write_text(json.dumps({k: str(Path(v).resolve()) if v else None
+                                                   for k, v in inputs.items()}))
     engine.seed_everything(config.trainer.seed)
     opt = config.optim
     per_epoch = engine.steps_per_epoch(len(dataset), opt.batch_size)
@@ -180,8 +205,16 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     trainer = engine.build_trainer(config.trainer, run_dir, total, opt.batch_size, progress, callbacks)
     loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size",
                                 seed=config.trainer.seed)
-    specs = dataset.dataset.specs if cache is not None else teacher_model.feature_specs
-    module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
+    if method == "dt-feat":
+        from dreamteacher.methods.dt_feat import DTFeat
+
+        specs = dataset.dataset.specs if cache is not None else teacher_model.feature_specs
+        module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
+    else:
+        from dreamteacher.methods.denoising import DenoisingPretraining
+
+        teacher_model = None
+        module = DenoisingPretraining(config, method, encoder_weights, str(encoder or ""))
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / max(1, opt.epochs))
     return PretrainingJob(run_dir, config, module, loader, trainer, ckpt, per_epoch, teacher_model)
@@ -220,9 +253,12 @@ def read_summary(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+INPUTS_FILE = "inputs.json"  # teacher, feature cache, frozen encoder
+
+
 def _saved_inputs(run_dir: Path) -> dict:
-    """The teacher (and feature cache) a pretraining run was started with."""
-    path = run_dir / "teacher.json"
+    """The teacher, feature cache or frozen encoder a pretraining run was started with."""
+    path = run_dir / INPUTS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

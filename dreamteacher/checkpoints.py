@@ -29,7 +29,15 @@ from safetensors.torch import load_file, save_file
 
 from dreamteacher.errors import UserError
 
-BACKBONE_PREFIX = "backbone.features.model."
+BACKBONE_PREFIX = "backbone.features.model."  # DreamTeacher students (methods/dt_feat.py)
+# denoising pretraining: the timm model and the decoder inside the U-Net Segmenter (methods/denoising.py)
+UNET_BACKBONE_PREFIX = "model.net.encoder.model.model."
+UNET_DECODER_PREFIX = "model.net.decoder."
+DECODER_FORMAT = "smp-unet-decoder"
+
+
+def backbone_prefix(method: str) -> str:
+    return UNET_BACKBONE_PREFIX if method in ("dep", "ddep") else BACKBONE_PREFIX
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -63,7 +71,8 @@ def timm_backbone_weights(checkpoint: str | Path) -> tuple[str, dict, dict[str, 
     ckpt = read_checkpoint(checkpoint)
     hparams = ckpt["hyper_parameters"]
     name = hparams["config"]["student"]["backbone"]
-    weights = {k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(BACKBONE_PREFIX)}
+    prefix = backbone_prefix(hparams.get("method", ""))
+    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not weights:
         raise UserError(f"{checkpoint}: holds no student backbone (method '{hparams.get('method')}')")
     # timm's feature wrapper drops the classifier head (and e.g. ConvNeXt's head norm); fill those
@@ -219,6 +228,42 @@ def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor]
         raise UserError(f"{path}: not a dreamteacher backbone export in the timm format{hint}: make one with "
                         "`dreamteacher export RUN --format timm`")
     return meta["model"], weights, meta
+
+
+def export_decoder(checkpoint: str | Path, out: str | Path) -> Path:
+    """A denoising-pretrained U-Net decoder (without its 3-channel denoising projection) -> `out`
+    (.safetensors, the keys of segmentation_models_pytorch's `Unet(...).decoder`) + `out.json`."""
+    ckpt = read_checkpoint(checkpoint)
+    hparams = ckpt["hyper_parameters"]
+    weights = {k[len(UNET_DECODER_PREFIX):]: v for k, v in ckpt["state_dict"].items()
+               if k.startswith(UNET_DECODER_PREFIX)}
+    if not weights:
+        raise UserError(f"{checkpoint}: holds no U-Net decoder (method '{hparams.get('method')}'); only dep and "
+                        "ddep runs pretrain one")
+    out = Path(out)
+    info = {"format": DECODER_FORMAT, "model": hparams["config"]["student"]["backbone"],
+            "unet_width": hparams["config"]["denoise"]["unet_width"], "method": hparams.get("method", ""),
+            "step": int(ckpt.get("global_step", 0)),
+            "load": "dreamteacher finetune --head unet --backbone BACKBONE --decoder PATH"}
+    save_safetensors_atomic(weights, out, {k: str(v) for k, v in info.items()})
+    out.with_suffix(".json").write_text(json.dumps({**info, "config": hparams["config"]}, indent=2))
+    return out
+
+
+def read_decoder_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A `decoder.safetensors` of a dep/ddep run -> (weights, metadata with model and unet_width)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"decoder file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(str(path))
+    except Exception:  # noqa: BLE001 - any unreadable file: one message
+        raise UserError(f"{path}: not a safetensors decoder export") from None
+    if meta.get("format") != DECODER_FORMAT:
+        raise UserError(f"{path}: not a U-Net decoder export (a dep or ddep run writes decoder.safetensors)")
+    return weights, meta
 
 
 def load_backbone(path: str | Path) -> torch.nn.Module:

@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("pretrain", help="distill a teacher into a timm student backbone")
-    p.add_argument("--method", default="dt-feat", choices=["dt-feat"])
+    p = sub.add_parser("pretrain", help="pretrain a timm backbone: distill a teacher, or denoise (dep, ddep)")
+    p.add_argument("--method", default="dt-feat", choices=["dt-feat", "dep", "ddep"],
+                   help="dt-feat: DreamTeacher feature distillation (default); dep: denoising pretraining of a "
+                   "U-Net; ddep: of its decoder alone on a frozen --encoder")
     p.add_argument("--teacher", help="train-teacher run, diffusers DDPM/UNet2DModel folder, or ADM .pt")
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder of the offline feature dataset: K teacher encodings per image "
                    "(encode.cache_encodings), built on first use and reused; the teacher is not run while training")
     p.add_argument("--rebuild-cache", action="store_true", help="replace a --cache built from other inputs")
+    p.add_argument("--encoder", help="ddep: the frozen encoder, an exported backbone .safetensors")
     _add_config_args(p)
 
     p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--num-classes", type=int, help="same as --set data.num_classes=N")
     p.add_argument("--ignore-index", type=int, help="label id to ignore (same as --set data.ignore_index=K)")
-    p.add_argument("--head", choices=["upernet", "readout"], help="same as --set model.head=...")
+    p.add_argument("--head", choices=["upernet", "unet", "readout"], help="same as --set model.head=...")
+    p.add_argument("--decoder", help="unet head: a dep/ddep run's decoder.safetensors to initialize the decoder")
     _add_config_args(p, finetune=True)
 
     p = sub.add_parser("evaluate", help="mIoU and per-class IoU of a fine-tuned run")
@@ -121,9 +125,12 @@ def run(args: argparse.Namespace) -> None:
         print(f"samples: {api.sample(args.run, args.out, args.num, args.steps, args.seed)}")
     elif args.command == "pretrain":
         result = api.pretrain(args.data, args.out, args.teacher, args.method, args.model, args.preset,
-                              args.overrides, args.resume, progress, args.cache, args.rebuild_cache)
+                              args.overrides, args.resume, progress, args.cache, args.rebuild_cache,
+                              encoder=args.encoder)
         if "backbone" in result.files:  # written by the first process only
             print(f"backbone: {result.files['backbone']} ({result.steps} steps, {result.seconds:.0f} s)")
+        if "decoder" in result.files:
+            print(f"decoder: {result.files['decoder']}")
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out, args.format)}")
     elif args.command == "finetune":
@@ -133,9 +140,9 @@ def run(args: argparse.Namespace) -> None:
                  "model.head": args.head}
         overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
         result = finetune(args.backbone, args.images, args.masks, args.out, args.split, args.preset, overrides,
-                          args.resume, progress)
+                          args.resume, progress, decoder=args.decoder)
         print(f"segmenter: {result.segmenter} ({result.steps} iterations, {result.seconds:.0f} s, "
-              f"backbone {result.init['backbone_init']})")
+              f"backbone {result.init['backbone_init']}, decoder {result.init['decoder_init']})")
     elif args.command == "evaluate":
         from dreamteacher.downstream.finetune import evaluate
         from dreamteacher.downstream.metrics import format_iou_table

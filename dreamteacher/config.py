@@ -90,6 +90,18 @@ class LossConfig:
 
 
 @dataclass
+class DenoiseConfig:
+    """Denoising pretraining (`--method dep|ddep`, Brempong et al.): a U-Net on the student backbone
+    learns to predict the noise of x + sigma * eps (Eq. 4)."""
+
+    sigma: float = 0.0  # fixed noise level; 0 = the method's own (0.8 DeP, 0.1 DDeP, section 3.3)
+    sigma_range: list[float] = field(default_factory=list)  # [a, b]: sigma ~ U(a, b) per image (Table 6)
+    target: str = "eps"  # "eps" (Eq. 4) or "x", the clean image (Table 7)
+    ddpm_scaling: bool = False  # Eq. 2: sqrt(g) x + sqrt(1 - g) eps at the same signal-to-noise ratio
+    unet_width: int = 64  # finest decoder block; blocks [16, 8, 4, 2, 1] x this (64: the paper's "1x")
+
+
+@dataclass
 class OptimConfig:
     name: str = "lamb"  # "adamw" or "lamb"
     base_lr: float = 4e-3  # scaled by batch_size / 256
@@ -131,6 +143,7 @@ class Config(Sections):
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -292,6 +305,15 @@ def validate(config: Config) -> None:
     if crop and not (len(crop) == 2 and all(0 < c <= r and c % factor == 0 for c, r in zip(crop, res))):
         raise UserError(f"teacher_train.crop must be [height, width] within data.resolution {res} and "
                         f"divisible by {factor}, got {crop}")
+    dn = config.denoise
+    if dn.target not in ("eps", "x"):
+        raise UserError(f"denoise.target must be 'eps' or 'x', got '{dn.target}'")
+    bad_range = dn.sigma_range and not (len(dn.sigma_range) == 2 and 0 <= dn.sigma_range[0] < dn.sigma_range[1])
+    if dn.sigma < 0 or bad_range:
+        raise UserError(f"denoise.sigma must be >= 0 and denoise.sigma_range [a, b] with 0 <= a < b, "
+                        f"got {dn.sigma} and {dn.sigma_range}")
+    if not isinstance(dn.unet_width, int) or dn.unet_width < 1:
+        raise UserError(f"denoise.unet_width must be a positive integer, got {dn.unet_width}")
     if any(not 0 <= lvl < levels for lvl in config.diffusion.attention_levels):
         raise UserError(f"diffusion.attention_levels must be in [0, {levels}), got {config.diffusion.attention_levels}")
 

@@ -46,6 +46,8 @@ class SegModelConfig:
     head: str = "upernet"  # or "readout": frozen backbone + linear 1x1 conv
     backbone: str = "resnet50"  # timm name, used with `--backbone none` (an export names its own model)
     decoder_channels: int = 512  # UperNet width (MMSegmentation's default)
+    # U-Net finest decoder block (blocks [16, 8, 4, 2, 1] x this); 0: the --decoder's, else 64 (paper's 1x)
+    unet_width: int = 0
 
 
 @dataclass
@@ -143,7 +145,8 @@ class SegmentationTraining(L.LightningModule):
         self.config = config
         self.save_hyperparameters({"method": "finetune", "config": config.to_dict(), "init": init})
         m = config.model
-        self.model = Segmenter(m.head, init["backbone"], config.data.num_classes, m.decoder_channels)
+        self.model = Segmenter(m.head, init["backbone"], config.data.num_classes, m.decoder_channels,
+                               init.get("unet_width", 64))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Lightning sets submodule modes by attribute, bypassing LinearReadout.train, which keeps a
@@ -183,9 +186,10 @@ class FinetuneResult:
 def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path, out: str | Path,
              split: str | Path | None = None, preset: str | None = None,
              overrides: list[str] | dict | None = None, resume: bool = False,
-             progress: bool = True, **sections: dict) -> FinetuneResult:
+             progress: bool = True, decoder: str | Path | None = None, **sections: dict) -> FinetuneResult:
     """Train a segmentation head on the labeled images of `split` (all images if None), its backbone
-    initialized from an exported backbone file, or randomly when `backbone` is None / "none".
+    initialized from an exported backbone file, or randomly when `backbone` is None / "none". With the
+    `unet` head, `decoder` (a dep/ddep run's `decoder.safetensors`) initializes the decoder too.
 
     Writes `out/segmenter.safetensors` + `segmenter.json` (what `evaluate` reads), checkpoints, logs,
     the resolved config and `run.json`. Settings: `preset`, `overrides`, then section keywords such as
@@ -203,6 +207,8 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
         name, weights, meta = read_backbone_export(backbone)
         init = {"backbone": name, "backbone_init": "pretrained", "source": str(Path(backbone).resolve()),
                 "pretrain_method": meta.get("method", "")}
+    decoder_weights = _decoder_init(decoder, config, init)
+    config.model.unet_width = init["unet_width"]  # saved resolved: a resume rebuilds the same U-Net
     d = config.data
     train_set = SegmentationData(images, masks, split, d.resolution, d.num_classes, d.ignore_index,
                                  augment=True, scale_range=tuple(d.scale_range), hflip=d.hflip)
@@ -216,6 +222,8 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     module = SegmentationTraining(config, init)
     if weights is not None and ckpt is None:
         module.model.load_backbone(weights, str(backbone))
+    if decoder_weights is not None and ckpt is None:
+        module.model.load_decoder(decoder_weights, str(decoder))
     trainer.fit(module, loader, ckpt_path=ckpt)
     trainer.save_checkpoint(engine.checkpoint_path(run_dir))
     loss = trainer.callback_metrics.get("train/loss")
@@ -224,11 +232,38 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     if trainer.is_global_zero:
         info = {**init, "head": config.model.head, "num_classes": d.num_classes, "ignore_index": d.ignore_index,
                 "resolution": d.resolution, "decoder_channels": config.model.decoder_channels,
+                "unet_width": init["unet_width"],
                 "labeled_images": len(train_set), "split": str(split) if split else None,
                 "iterations": trainer.global_step, "seconds": round(result.seconds, 1)}
         save_segmenter(module.model, run_dir, info)
         (run_dir / "run.json").write_text(json.dumps({"method": "finetune", **info}, indent=2))
     return result
+
+
+def _decoder_init(decoder: str | Path | None, config: FinetuneConfig, init: dict[str, Any]) -> dict | None:
+    """Checks a pretrained decoder against the model it will initialize; records it in `init`."""
+    from dreamteacher.checkpoints import read_decoder_export
+
+    m = config.model
+    init["unet_width"] = m.unet_width or 64
+    init["decoder_init"] = "random"
+    if decoder is None:
+        return None
+    if m.head != "unet":
+        raise UserError(f"--decoder {decoder}: a pretrained U-Net decoder needs --head unet (model.head={m.head})")
+    weights, meta = read_decoder_export(decoder)
+    if init["backbone_init"] != "pretrained":
+        raise UserError(f"--decoder {decoder}: its skip inputs come from a pretrained encoder; pass that "
+                        "encoder as --backbone (a dep/ddep run writes backbone.safetensors beside it)")
+    if meta["model"] != init["backbone"]:
+        raise UserError(f"--decoder {decoder} was pretrained on a {meta['model']} encoder, --backbone is "
+                        f"{init['backbone']}")
+    width = int(meta["unet_width"])
+    if m.unet_width and m.unet_width != width:
+        raise UserError(f"--decoder {decoder} has unet_width {width}, model.unet_width is {m.unet_width}")
+    init.update({"unet_width": width, "decoder_init": "pretrained", "decoder_source": str(Path(decoder).resolve()),
+                 "decoder_method": meta.get("method", "")})
+    return weights
 
 
 @dataclass

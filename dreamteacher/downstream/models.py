@@ -3,6 +3,10 @@
 - `upernet`: segmentation_models_pytorch's UPerNet on the `tu-<name>` timm encoder, the paper's
   downstream model (DreamTeacher F.3). The encoder is created with timm's `feature_cls="getter"`, so the
   timm model sits intact at `net.encoder.model.model` and an export loads into it by its own key names.
+- `unet`: segmentation_models_pytorch's U-Net on the same encoder, the model of denoising pretraining
+  (Brempong et al. section 3): five decoder blocks of two 3x3 convs with skip connections from the
+  encoder, widths [16, 8, 4, 2, 1] x `unet_width` (64: the paper's [1024, 512, 256, 128, 64], "1x").
+  Its decoder can be initialized from a DeP/DDeP `decoder.safetensors`.
 - `readout`: a frozen backbone and one 1x1 conv on its four levels (strides 4-32) upsampled to stride 4
   and concatenated (the segmentation readout of DreamTeacher Table 12, linear here).
 
@@ -25,7 +29,7 @@ from dreamteacher.checkpoints import save_safetensors_atomic
 from dreamteacher.errors import UserError
 from dreamteacher.students.backbone import Backbone, check_backbone_name
 
-HEADS = ("upernet", "readout")
+HEADS = ("upernet", "unet", "readout")
 
 
 def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -37,20 +41,30 @@ def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-class Segmenter(nn.Module):
-    """Wraps a head (`upernet` or `readout`) with the input normalization of its timm backbone."""
+def unet_widths(unet_width: int) -> list[int]:
+    """Decoder block widths, coarse to fine: [16, 8, 4, 2, 1] x the finest block's width."""
+    return [unet_width * 2**k for k in (4, 3, 2, 1, 0)]
 
-    def __init__(self, head: str, backbone: str, num_classes: int, decoder_channels: int = 512):
+
+class Segmenter(nn.Module):
+    """Wraps a head (`upernet`, `unet` or `readout`) with the input normalization of its timm backbone."""
+
+    def __init__(self, head: str, backbone: str, num_classes: int, decoder_channels: int = 512,
+                 unet_width: int = 64):
         super().__init__()
         if head not in HEADS:
             raise UserError(f"model.head must be one of {', '.join(HEADS)}, got '{head}'")
         check_backbone_name(backbone)
         self.head, self.backbone_name = head, backbone
-        if head == "upernet":
+        if head in ("upernet", "unet"):
             import segmentation_models_pytorch as smp
 
-            self.net = smp.UPerNet(encoder_name=f"tu-{backbone}", encoder_weights=None, classes=num_classes,
-                                   decoder_channels=decoder_channels, feature_cls="getter")
+            if head == "upernet":
+                self.net = smp.UPerNet(encoder_name=f"tu-{backbone}", encoder_weights=None, classes=num_classes,
+                                       decoder_channels=decoder_channels, feature_cls="getter")
+            else:
+                self.net = smp.Unet(encoder_name=f"tu-{backbone}", encoder_weights=None, classes=num_classes,
+                                    decoder_channels=unet_widths(unet_width), feature_cls="getter")
         else:
             self.net = LinearReadout(backbone, num_classes)
         cfg = timm.get_pretrained_cfg(backbone)
@@ -61,12 +75,21 @@ class Segmenter(nn.Module):
 
     def backbone_model(self) -> nn.Module:
         """The timm model (its own key names) inside the head."""
-        if self.head == "upernet":
+        if self.head in ("upernet", "unet"):
             return self.net.encoder.model.model
         return self.net.backbone.features.model
 
     def load_backbone(self, weights: dict[str, torch.Tensor], source: str) -> None:
         load_timm_weights(self.backbone_model(), weights, source)
+
+    def load_decoder(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """A pretrained U-Net decoder (`decoder.safetensors` of a DeP/DDeP run), strictly."""
+        if self.head != "unet":
+            raise UserError(f"{source}: a pretrained decoder initializes the unet head only (model.head={self.head})")
+        missing, unexpected = self.net.decoder.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{source}: decoder weights do not fit this U-Net (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); is model.unet_width the one it was pretrained with?")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images - self.mean) / self.std)
@@ -112,6 +135,7 @@ def load_segmenter(folder: str | Path) -> tuple[Segmenter, dict]:
     if not info_path.is_file():
         raise UserError(f"{folder}: no finished fine-tuning run here (segmenter.json missing)")
     info = json.loads(info_path.read_text())
-    model = Segmenter(info["head"], info["backbone"], info["num_classes"], info.get("decoder_channels", 512))
+    model = Segmenter(info["head"], info["backbone"], info["num_classes"], info.get("decoder_channels", 512),
+                      info.get("unet_width", 64))
     model.load_state_dict(load_file(str(folder / "segmenter.safetensors")), strict=True)
     return model.eval(), info

@@ -1,3 +1,4 @@
+from dreamteacher.losses.denoising import corrupt, denoising_loss
 from dreamteacher.losses.feature import attention_transfer_loss, whiten, whitened_mse_loss
 
-__all__ = ["attention_transfer_loss", "whiten", "whitened_mse_loss"]
+__all__ = ["attention_transfer_loss", "corrupt", "denoising_loss", "whiten", "whitened_mse_loss"]
