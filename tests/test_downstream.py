@@ -248,3 +248,27 @@ def test_bench_refuses_unknown_rows_and_missing_data(scenes, tmp_path):
         bench(recipe, tmp_path / "b", data_root=tmp_path / "nowhere")
     with pytest.raises(UserError, match="unknown recipe"):
         bench("no-such-recipe", tmp_path / "b")
+
+
+def test_bench_denoising_rows_start_from_the_pretrained_decoder(scenes, tmp_path):
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["rows"] += [{"method": "dep", "head": "unet", "iterations": 2, "seeds": [0]},
+                     {"method": "dt-feat+ddep", "head": "unet", "iterations": 2, "seeds": [0]},
+                     {"method": "dep", "head": "upernet", "iterations": 2, "seeds": [0]}]
+    spec["method_overrides"] = {"dep": {"denoise": {"unet_width": 8}}, "ddep": {"denoise": {"unet_width": 8}}}
+    spec["finetune_overrides"]["model"]["unet_width"] = 8
+    recipe.write_text(yaml.safe_dump(spec))
+    result = bench(recipe, tmp_path / "bench", progress=False, rows=["dep", "dt-feat+ddep"], fractions=["1-30"])
+    made = {(r["method"], r["head"]): r for r in result.rows}
+    assert made[("dep", "unet")]["initialized"] == "backbone+decoder"
+    assert made[("dep", "upernet")]["initialized"] == "backbone"  # UperNet has no pretrained decoder to take
+    ddep = made[("dt-feat+ddep", "unet")]
+    assert ddep["initialized"] == "backbone+decoder"
+    assert set(ddep["pretrain_stages"]) == {"teacher", "student", "ddep"}  # its wall-clock counts all three
+    assert ddep["pretrain_seconds"] >= sum(s["seconds"] for s in ddep["pretrain_stages"].values()) - 0.2
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "| dt-feat+ddep | unet | backbone+decoder |" in table

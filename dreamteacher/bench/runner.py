@@ -54,6 +54,23 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings that change how fast a stage runs, not what it computes: left out of stage keys.
+EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm")}
+
+
+def result_settings(config: dict, drop: dict[str, tuple[str, ...] | None] | None = None) -> dict:
+    """`config` without the execution-only settings and the `drop` ones (section -> fields, or None
+    for the whole section): what a stage's key covers is what determines its result."""
+    kept = {name: dict(section) for name, section in config.items()}
+    for name, fields in {**EXECUTION_ONLY, **(drop or {})}.items():
+        if fields is None:
+            kept.pop(name, None)
+        else:
+            for field_name in fields:
+                kept.get(name, {}).pop(field_name, None)
+    return kept
+
+
 def folder_fingerprint(folder: Path) -> list:
     """Names and sizes of a folder's files: changes when images are added, removed or replaced."""
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
@@ -171,7 +188,9 @@ class Bench:
         preset, overrides = self.pretrain_config()
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
-        key = digest(method, teacher["key"], config, folder_fingerprint(unlabeled))
+        # online distillation: the cache and the denoising settings play no part
+        settings = result_settings(config, {"denoise": None, "encode": ("cache_encodings",)})
+        key = digest(method, teacher["key"], settings, folder_fingerprint(unlabeled))
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] pretraining '{method}' in {folder}")
@@ -190,6 +209,37 @@ class Bench:
                 "stages": {"teacher": {k: teacher[k] for k in ("seconds", "steps", "epochs")},
                            "student": {k: student[k] for k in ("seconds", "steps", "epochs")}}}
 
+    def denoise_stage(self, name: str, method: str, encoder: dict | None, allow_run: bool) -> dict | None:
+        """DeP (`encoder` None) or DDeP on `encoder`'s backbone: a backbone and a U-Net decoder."""
+        from dreamteacher import api
+        from dreamteacher.config import build_config
+
+        preset, overrides = self.pretrain_config()
+        overrides = _deep_merge(overrides, (self.spec.get("method_overrides") or {}).get(method) or {})
+        config = build_config(preset, overrides).to_dict()
+        unlabeled = self.path("unlabeled")
+        settings = result_settings(config, {name: None for name in ("diffusion", "teacher_train", "encode", "loss")})
+        key = digest(name, method, encoder["key"] if encoder else None, settings, folder_fingerprint(unlabeled))
+
+        def run(folder: Path, resume: bool) -> dict:
+            self.log(f"[bench] pretraining '{name}' in {folder}")
+            result = api.pretrain(unlabeled, folder, method=method, encoder=encoder["backbone"] if encoder else None,
+                                  preset=preset, overrides=overrides, resume=resume, progress=self.progress)
+            summary = api.read_summary(folder) or {}
+            return {"backbone": str(result.files["backbone"]), "decoder": str(result.files["decoder"]),
+                    "seconds": result.seconds, "steps": result.steps, "epochs": summary.get("epochs")}
+
+        if encoder is None and method == "ddep":
+            return None
+        trained = Stage(self.runs / f"pretrain-{name}", key, run).result(allow_run)
+        if trained is None:
+            return None
+        stages = dict(encoder["stages"]) if encoder else {}
+        stages[method] = {k: trained[k] for k in ("seconds", "steps", "epochs")}
+        return {"backbone": trained["backbone"], "decoder": trained["decoder"], "key": trained["key"],
+                "pretrain_seconds": round((encoder["pretrain_seconds"] if encoder else 0) + trained["seconds"], 1),
+                "pretrain_epochs": trained["epochs"], "stages": stages}
+
     # ---------------------------------------------------------------- fine-tuning cells
     def cell(self, row: dict, fraction: str, seed: int, backbone: dict, allow_run: bool = True) -> dict | None:
         from dreamteacher.downstream.finetune import build_finetune_config, evaluate, finetune
@@ -205,16 +255,20 @@ class Bench:
         config = build_finetune_config(preset, overrides)
         split = self.data_root / self.spec["data"]["splits"][fraction]
         images, masks = self.path("images"), self.path("masks")
-        key = digest(method, head, fraction, seed, backbone["key"], config.to_dict(),
+        settings = result_settings(config.to_dict(), {} if head == "unet" else {"model": ("unet_width",)})
+        key = digest(method, head, fraction, seed, backbone["key"], settings,
                      split.read_text() if split.is_file() else str(split), folder_fingerprint(masks))
         folder = self.runs / "cells" / f"{method}--{head}" / f"{fraction}-seed{seed}"
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] fine-tuning {method} / {head} on {fraction} of the labels, seed {seed}")
-            result = finetune(backbone["backbone"], images, masks, folder, split=split,
-                              preset=preset, overrides=overrides, resume=resume, progress=self.progress)
+            decoder = backbone.get("decoder") if head == "unet" else None  # a pretrained U-Net decoder
+            result = finetune(backbone["backbone"], images, masks, folder, split=split, preset=preset,
+                              overrides=overrides, resume=resume, progress=self.progress, decoder=decoder)
             info = json.loads((folder / "segmenter.json").read_text())
-            return {"seconds": result.seconds, "iterations": result.steps, "labeled": info["labeled_images"]}
+            initialized = [part for part in ("backbone", "decoder") if info.get(f"{part}_init") == "pretrained"]
+            return {"seconds": result.seconds, "iterations": result.steps, "labeled": info["labeled_images"],
+                    "initialized": "+".join(initialized) or "none"}
 
         trained = Stage(folder, key, run).result(allow_run)
         if trained is None:
@@ -236,7 +290,8 @@ class Bench:
                 "pixel_accuracy": round(scores["pixel_accuracy"], 2),
                 "pretrain_seconds": backbone["pretrain_seconds"], "pretrain_epochs": backbone["pretrain_epochs"],
                 "pretrain_stages": backbone["stages"],
-                "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1)}
+                "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1),
+                "initialized": trained.get("initialized", "none" if method == "scratch" else "backbone")}
 
 
 SCRATCH = {"backbone": None, "key": "scratch", "pretrain_seconds": 0.0, "pretrain_epochs": 0, "stages": {}}
@@ -250,8 +305,18 @@ def _dt_feat_untrained(bench: Bench, allow_run: bool) -> dict | None:
     return bench.distill_stage("dt-feat-untrained", bench.teacher_stage(False, allow_run), allow_run)
 
 
-# method name (as used across the project's tables) -> how its backbone is pretrained
-PRETRAINERS: dict[str, Callable[[Bench, bool], dict | None]] = {"dt-feat": _dt_feat, "dt-feat-untrained": _dt_feat_untrained}
+def _dep(bench: Bench, allow_run: bool) -> dict | None:
+    return bench.denoise_stage("dep", "dep", None, allow_run)
+
+
+def _dt_feat_ddep(bench: Bench, allow_run: bool) -> dict | None:
+    """DreamTeacher encoder (frozen) + a DDeP-pretrained U-Net decoder on it."""
+    return bench.denoise_stage("dt-feat+ddep", "ddep", bench.backbone_stage("dt-feat", allow_run), allow_run)
+
+
+# method name (as used across the project's tables) -> how its backbone (and decoder) is pretrained
+PRETRAINERS: dict[str, Callable[[Bench, bool], dict | None]] = {
+    "dt-feat": _dt_feat, "dt-feat-untrained": _dt_feat_untrained, "dep": _dep, "dt-feat+ddep": _dt_feat_ddep}
 
 
 def _deep_merge(*layers: dict) -> dict:
