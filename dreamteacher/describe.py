@@ -72,6 +72,10 @@ def export_info(path: Path) -> dict[str, Any]:
         if "format" not in meta:
             return {"kind": "safetensors file without dreamteacher metadata (not an export)", "path": str(path),
                     "tensors": len(keys), "parameters": params, "first_keys": keys[:5]}
+        if meta["format"] == "smp-unet-decoder":
+            return {"kind": "U-Net decoder export (denoising pretraining)", "path": str(path), "tensors": len(keys),
+                    "parameters": params, **{k: v for k, v in meta.items() if k not in ("format", "load")},
+                    "use": meta.get("load", "")}
         return {"kind": f"backbone export ({meta['format']} keys)", "path": str(path), "tensors": len(keys),
                 "parameters": params, **{k: v for k, v in meta.items() if k != "format"}, "format": meta["format"],
                 "use": f"initialize: `dreamteacher finetune --backbone {path}` (cannot resume training)"

@@ -72,6 +72,9 @@ def test_dep_trains_the_whole_unet_and_exports_backbone_and_decoder(dep_run):
     decoder, dmeta = read_decoder_export(result.files["decoder"])
     assert dmeta["model"] == "test_resnet" and dmeta["unet_width"] == "8"
     assert all(k.startswith("blocks.") for k in decoder)  # the decoder alone: no 3-channel projection
+    info = api.info(result.files["decoder"])
+    assert info["kind"].startswith("U-Net decoder export") and info["unet_width"] == "8"
+    assert api.info(root / "dep")["method"] == "dep"
     # the encoder learned (DeP trains it from random init)
     untrained = DenoisingPretraining(build_config(None, DENOISE), "dep").encoder.state_dict()
     assert any(not torch.equal(untrained[k], weights[k]) for k in untrained if k in weights)
