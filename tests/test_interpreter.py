@@ -1,0 +1,53 @@
+"""The feature interpreter and the label-distillation losses (DreamTeacher section 3.2, D.2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dreamteacher.losses import dice_loss, interpreter_loss, soft_label_loss
+from dreamteacher.teachers.diffusion import FeatureSpec
+from dreamteacher.teachers.interpreter import FeatureInterpreter
+
+
+def test_interpreter_fuses_coarse_to_fine_and_predicts_at_the_finest_stride():
+    # teacher block order need not be coarse to fine: the interpreter sorts by stride
+    specs = [FeatureSpec(6, 48, 4), FeatureSpec(3, 64, 8), FeatureSpec(9, 32, 2)]
+    head = FeatureInterpreter(specs, num_classes=5, width=64)
+    feats = [torch.randn(2, s.channels, 64 // s.stride, 96 // s.stride) for s in specs]
+    logits = head(feats)
+    assert logits.shape == (2, 5, 32, 48) and head.output_stride == 2
+    assert [f.lateral.in_channels for f in head.fuses] == [48, 32]  # stride 8 -> 4 -> 2
+    assert all(n.num_groups == 32 for n in head.norms)
+    depthwise = head.fuses[0].depthwise
+    assert depthwise.groups == depthwise.in_channels == 128  # depthwise-separable: one filter per channel
+    logits.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_dice_matches_a_hand_computation_and_skips_ignored_pixels():
+    # 2 classes, 3 pixels labeled [0, 1, ignore]; logits chosen so that softmax = [0.5,0.5], [0.2,0.8], any
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(4.0)], [5.0, -5.0]]).T.reshape(1, 2, 1, 3)
+    target = torch.tensor([[[0, 1, 255]]])
+    # class 0: p = [0.5, 0.2], y = [1, 0]: (2 * 0.5 + 1) / (0.7 + 1 + 1) ; class 1: p = [0.5, 0.8], y = [0, 1]
+    expected = 1 - ((2 * 0.5 + 1) / (0.7 + 1 + 1) + (2 * 0.8 + 1) / (1.3 + 1 + 1)) / 2
+    assert dice_loss(logits, target, ignore_index=255).item() == pytest.approx(expected, rel=1e-6)
+    ce = -(math.log(0.5) + math.log(0.8)) / 2
+    assert interpreter_loss(logits, target, 255, dice_weight=3.0).item() == pytest.approx(ce + 3 * expected, rel=1e-6)
+
+
+def test_soft_label_loss_matches_a_per_pixel_reference():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+    tau, total = 4.0, 0.0
+    for b in range(2):
+        for y in range(3):
+            for x in range(5):
+                p = [math.exp(v / tau) for v in teacher[b, :, y, x].tolist()]
+                q = [math.exp(v / tau) for v in student[b, :, y, x].tolist()]
+                total -= sum(pk / sum(p) * math.log(qk / sum(q)) for pk, qk in zip(p, q))
+    assert soft_label_loss(student, teacher, tau).item() == pytest.approx(total / 30, rel=1e-5)
+    # the minimum over students is the teacher's own distribution (its entropy)
+    assert soft_label_loss(teacher, teacher, tau) < soft_label_loss(student, teacher, tau)
