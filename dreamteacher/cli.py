@@ -11,9 +11,11 @@ from pathlib import Path
 from dreamteacher.errors import UserError
 
 
-def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
+def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False, kind: str | None = None) -> None:
     if finetune:
         from dreamteacher.downstream.finetune import available_finetune_presets as presets
+    elif kind == "interpreter":
+        from dreamteacher.downstream.interpreter import available_interpreter_presets as presets
     else:
         from dreamteacher.config import available_presets as presets
 
@@ -73,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", help="unet head: a dep/ddep run's decoder.safetensors to initialize the decoder")
     _add_config_args(p, finetune=True)
 
-    p = sub.add_parser("evaluate", help="mIoU and per-class IoU of a fine-tuned run")
+    p = sub.add_parser("interpreter", help="train a feature interpreter on a frozen teacher with a few labels")
+    p.add_argument("--teacher", required=True, help="train-teacher run, diffusers folder or ADM .pt")
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--masks", required=True, help="folder of label maps (class ids), same file names")
+    p.add_argument("--split", help="file naming the labeled images to use, one per line (default: all)")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--num-classes", type=int, help="same as --set data.num_classes=N")
+    p.add_argument("--ignore-index", type=int, help="label id to ignore (same as --set data.ignore_index=K)")
+    _add_config_args(p, kind="interpreter")
+
+    p = sub.add_parser("evaluate", help="mIoU and per-class IoU of a fine-tuned (or interpreter) run")
     p.add_argument("run", help="finetune run folder")
     p.add_argument("--images", required=True)
     p.add_argument("--masks", required=True)
@@ -143,6 +155,15 @@ def run(args: argparse.Namespace) -> None:
                           args.resume, progress, decoder=args.decoder)
         print(f"segmenter: {result.segmenter} ({result.steps} iterations, {result.seconds:.0f} s, "
               f"backbone {result.init['backbone_init']}, decoder {result.init['decoder_init']})")
+    elif args.command == "interpreter":
+        from dreamteacher.downstream.interpreter import train_interpreter
+
+        flags = {"data.num_classes": args.num_classes, "data.ignore_index": args.ignore_index}
+        overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+        result = train_interpreter(args.teacher, args.images, args.masks, args.out, args.split, args.preset,
+                                   overrides, args.resume, progress)
+        print(f"interpreter: {result.weights} ({result.steps} iterations, {result.seconds:.0f} s); "
+              f"evaluate it with `dreamteacher evaluate {result.run_dir} --images DIR --masks DIR`")
     elif args.command == "evaluate":
         from dreamteacher.downstream.finetune import evaluate
         from dreamteacher.downstream.metrics import format_iou_table

@@ -272,7 +272,10 @@ def _preset_chain(preset: str | None) -> list[dict]:
 
 
 def _sections(root_cls: type) -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(root_cls)}  # type: ignore[misc]
+    """Section name -> its dataclass (the field's type: a section's default may come from a factory
+    function that sets other defaults)."""
+    hints = typing.get_type_hints(root_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(root_cls)}
 
 
 def validate(config: Config) -> None:

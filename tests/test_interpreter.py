@@ -51,3 +51,40 @@ def test_soft_label_loss_matches_a_per_pixel_reference():
     assert soft_label_loss(student, teacher, tau).item() == pytest.approx(total / 30, rel=1e-5)
     # the minimum over students is the teacher's own distribution (its entropy)
     assert soft_label_loss(teacher, teacher, tau) < soft_label_loss(student, teacher, tau)
+
+
+def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, tiny_teacher_dir):
+    from conftest import IGNORE, NUM_CLASSES, write_scenes
+    from dreamteacher.cli import main
+    from dreamteacher.downstream.finetune import evaluate
+    from dreamteacher.downstream.interpreter import train_interpreter
+
+    images, masks = write_scenes(tmp_path / "scenes")
+    settings = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
+                         "num_workers": 0},
+                "encode": {"t": 50, "blocks": [0, 2, 4]}, "interpreter": {"width": 32},
+                "optim": {"epochs": 4, "warmup_epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu"}}
+    result = train_interpreter(tiny_teacher_dir, images, masks, tmp_path / "interp", progress=False,
+                               overrides=settings)
+    assert result.steps == 12 and result.absent_classes == []  # 6 images x 4 epochs / batch 2
+    first = evaluate(tmp_path / "interp", images, masks)
+    again = evaluate(tmp_path / "interp", images, masks)
+    assert 0 <= first.miou <= 100 and first.miou == again.miou  # fixed test-time noise: repeatable
+
+    (tmp_path / "one.txt").write_text("scene_0.png\n")
+    import numpy as np
+    from PIL import Image
+
+    only_background = np.array(Image.open(masks / "scene_0.png"))
+    only_background[(only_background == 2)] = 0  # no pixel of class 2 in this split
+    Image.fromarray(only_background).save(masks / "scene_0.png")
+    with pytest.warns(UserWarning, match=r"no pixel of class\(es\) \[2\]"):
+        train_interpreter(tiny_teacher_dir, images, masks, tmp_path / "partial", split=tmp_path / "one.txt",
+                          progress=False, overrides={**settings, "optim": {**settings["optim"], "batch_size": 1}})
+    args = ["interpreter", "--teacher", str(tiny_teacher_dir), "--images", str(images), "--masks", str(masks),
+            "--out", str(tmp_path / "cli"), "--no-progress", "--set", "optim.epochs=1", "--set", "data.num_workers=0",
+            "--set", "data.resolution=[32,32]", "--set", "encode.blocks=[0,2,4]", "--set", "interpreter.width=32",
+            "--set", "trainer.accelerator=cpu", "--set", "optim.batch_size=2", "--num-classes", str(NUM_CLASSES),
+            "--ignore-index", str(IGNORE)]
+    assert main(args) == 0
+    assert main(["evaluate", str(tmp_path / "cli"), "--images", str(images), "--masks", str(masks)]) == 0

@@ -129,12 +129,17 @@ def save_segmenter(model: Segmenter, folder: Path, info: dict) -> Path:
     return path
 
 
-def load_segmenter(folder: str | Path) -> tuple[Segmenter, dict]:
+def load_segmenter(folder: str | Path) -> tuple[nn.Module, dict]:
+    """A finished fine-tuning run (or feature-interpreter run) -> (model: [0, 1] images -> logits, info)."""
     folder = Path(folder)
     info_path = folder / "segmenter.json"
     if not info_path.is_file():
         raise UserError(f"{folder}: no finished fine-tuning run here (segmenter.json missing)")
     info = json.loads(info_path.read_text())
+    if info["head"] == "teacher-interpreter":
+        from dreamteacher.downstream.interpreter import load_teacher_interpreter
+
+        return load_teacher_interpreter(folder, info), info
     model = Segmenter(info["head"], info["backbone"], info["num_classes"], info.get("decoder_channels", 512),
                       info.get("unet_width", 64))
     model.load_state_dict(load_file(str(folder / "segmenter.safetensors")), strict=True)
