@@ -100,18 +100,21 @@ def load_teacher(teacher: str | Path, config: Config):
                                   adm_head_channels=e.adm_head_channels)
 
 
-METHODS = ("dt-feat", "dep", "ddep")
+METHODS = ("dt-feat", "dt-mix", "dep", "ddep")
 
 
 def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
              model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
              resume: bool = False, progress: bool = True, cache: str | Path | None = None,
-             rebuild_cache: bool = False, encoder: str | Path | None = None, **sections: dict) -> RunResult:
+             rebuild_cache: bool = False, encoder: str | Path | None = None,
+             interpreter: str | Path | None = None, **sections: dict) -> RunResult:
     """Pretrain a timm backbone `model` on unlabeled images; writes checkpoints, logs, the resolved
     config, `out/run.json` and `out/backbone.safetensors` (timm keys).
 
     - `method="dt-feat"`: distill `teacher` (DreamTeacher). `cache`: a folder for the offline feature
       dataset (built on first use, reused after; the teacher is then not run while training).
+    - `method="dt-mix"`: the same plus label distillation from an `interpreter` run (Eq. 6); the
+      teacher defaults to the interpreter's.
     - `method="dep"`: denoising pretraining of a whole U-Net; `"ddep"`: of its decoder alone, on the
       frozen `encoder` (an exported backbone). Both also write `out/decoder.safetensors`.
 
@@ -121,7 +124,7 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
     from dreamteacher.checkpoints import export_backbone, export_decoder
 
     job = prepare_pretraining(data, out, teacher, method, model, preset, merge_overrides(overrides, sections),
-                              resume, progress, cache, rebuild_cache, encoder=encoder)
+                              resume, progress, cache, rebuild_cache, encoder=encoder, interpreter=interpreter)
     trainer = job.trainer
     with warnings.catch_warnings():  # engine.ResumeMidEpoch continues an interrupted epoch where it stopped
         warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
@@ -154,7 +157,8 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
                         method: str = "dt-feat", model: str | None = None, preset: str | None = None,
                         overrides: list[str] | dict | None = None, resume: bool = False, progress: bool = True,
                         cache: str | Path | None = None, rebuild_cache: bool = False,
-                        callbacks: list = (), encoder: str | Path | None = None) -> PretrainingJob:
+                        callbacks: list = (), encoder: str | Path | None = None,
+                        interpreter: str | Path | None = None) -> PretrainingJob:
     from dreamteacher.students.backbone import check_backbone_name
 
     if method not in METHODS:
@@ -165,6 +169,13 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         teacher = teacher if teacher is not None else saved.get("teacher")
         cache = cache if cache is not None else saved.get("cache")
         encoder = encoder if encoder is not None else saved.get("encoder")
+        interpreter = interpreter if interpreter is not None else saved.get("interpreter")
+    interpreter_info = None
+    if method == "dt-mix":
+        interpreter_info = _interpreter_info(interpreter)
+        teacher = teacher if teacher is not None else interpreter_info["teacher"]
+    elif interpreter is not None:
+        raise UserError(f"--interpreter is for --method dt-mix, not {method}")
     encoder_name, encoder_weights = None, None
     if method == "ddep":
         if encoder is None:
@@ -177,25 +188,28 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         model = encoder_name
     elif encoder is not None:
         raise UserError(f"--encoder is for --method ddep (the frozen encoder), not {method}")
-    if method != "dt-feat" and (teacher is not None or cache is not None):
-        raise UserError(f"--teacher and --cache are for --method dt-feat; {method} learns from the images alone")
+    if method in ("dep", "ddep") and (teacher is not None or cache is not None):
+        raise UserError(f"--teacher and --cache are for dt-feat and dt-mix; {method} learns from the images alone")
     extra = {"student": {"backbone": model}} if model else {}
     config = _resolve_config(run_dir, preset, merge_overrides(overrides, extra), resume)
     check_backbone_name(config.student.backbone)
     dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
-    if method == "dt-feat":
+    distills = method in ("dt-feat", "dt-mix")
+    if distills:
         if teacher is None:
             raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
         teacher_model = load_teacher(teacher, config)
         teacher_model.check_resolution(*config.data.resolution)
+    if interpreter_info is not None:
+        _check_interpreter(interpreter, interpreter_info, teacher, teacher_model, config)
     ckpt = engine.prepare_run_dir(run_dir, resume)  # before a cache build: a refused run costs nothing
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
-    needs_noise = method != "dt-feat" or (cache is None and config.encode.mode == "stochastic")
+    needs_noise = not distills or (cache is None and config.encode.mode == "stochastic")
     dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=needs_noise)
     save_config(config, run_dir / CONFIG_FILE)
-    inputs = {"teacher": teacher, "cache": cache, "encoder": encoder}
+    inputs = {"teacher": teacher, "cache": cache, "encoder": encoder, "interpreter": interpreter}
     (run_dir / INPUTS_FILE).write_text(json.dumps({k: str(Path(v).resolve()) if v else None
                                                    for k, v in inputs.items()}))
     engine.seed_everything(config.trainer.seed)
@@ -205,11 +219,17 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     trainer = engine.build_trainer(config.trainer, run_dir, total, opt.batch_size, progress, callbacks)
     loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size",
                                 seed=config.trainer.seed)
-    if method == "dt-feat":
+    if distills:
         from dreamteacher.methods.dt_feat import DTFeat
 
         specs = dataset.dataset.specs if cache is not None else teacher_model.feature_specs
-        module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
+        if method == "dt-mix":
+            from dreamteacher.methods.dt_mix import DTMix
+
+            module = DTMix(config, specs, teacher_model, _load_interpreter(interpreter, interpreter_info, specs),
+                           interpreter_info["num_classes"], str(teacher), str(Path(interpreter).resolve()))
+        else:
+            module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
     else:
         from dreamteacher.methods.denoising import DenoisingPretraining
 
@@ -218,6 +238,42 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / max(1, opt.epochs))
     return PretrainingJob(run_dir, config, module, loader, trainer, ckpt, per_epoch, teacher_model)
+
+
+def _interpreter_info(interpreter: str | Path | None) -> dict:
+    if interpreter is None:
+        raise UserError("--method dt-mix needs --interpreter: a `dreamteacher interpreter` run folder")
+    path = Path(interpreter) / "segmenter.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    if info.get("head") != "teacher-interpreter":
+        raise UserError(f"--interpreter {interpreter}: not a finished `dreamteacher interpreter` run")
+    return info
+
+
+def _check_interpreter(interpreter, info: dict, teacher, teacher_model, config: Config) -> None:
+    """The interpreter reads the teacher's features: same teacher, blocks and t as it was trained on."""
+    from dreamteacher.teachers.cache import teacher_fingerprint
+
+    if Path(teacher).resolve() != Path(info["teacher"]).resolve():
+        if not Path(info["teacher"]).exists() or teacher_fingerprint(teacher) != teacher_fingerprint(info["teacher"]):
+            raise UserError(f"--interpreter {interpreter} was trained on the teacher {info['teacher']}, not on "
+                            f"--teacher {teacher}: its soft labels would read features it never saw")
+    trained = info["encode"]
+    if list(trained["blocks"]) != list(config.encode.blocks) or trained["t"] != config.encode.t:
+        raise UserError(f"--interpreter {interpreter} reads blocks {trained['blocks']} at t={trained['t']}; this run "
+                        f"encodes blocks {config.encode.blocks} at t={config.encode.t}: set encode.blocks and "
+                        "encode.t to the interpreter's")
+
+
+def _load_interpreter(interpreter, info: dict, specs):
+    from safetensors.torch import load_file
+
+    from dreamteacher.downstream.interpreter import WEIGHTS_FILE
+    from dreamteacher.teachers.interpreter import FeatureInterpreter
+
+    head = FeatureInterpreter(specs, info["num_classes"], info["width"])
+    head.load_state_dict(load_file(str(Path(interpreter) / WEIGHTS_FILE)), strict=True)
+    return head
 
 
 def _cached_dataset(cache, teacher_path, teacher_model, images: ImageFolder, data, config: Config,

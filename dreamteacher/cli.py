@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("pretrain", help="pretrain a timm backbone: distill a teacher, or denoise (dep, ddep)")
-    p.add_argument("--method", default="dt-feat", choices=["dt-feat", "dep", "ddep"],
-                   help="dt-feat: DreamTeacher feature distillation (default); dep: denoising pretraining of a "
-                   "U-Net; ddep: of its decoder alone on a frozen --encoder")
+    p.add_argument("--method", default="dt-feat", choices=["dt-feat", "dt-mix", "dep", "ddep"],
+                   help="dt-feat: DreamTeacher feature distillation (default); dt-mix: plus label distillation "
+                   "from an --interpreter; dep: denoising pretraining of a U-Net; ddep: of its decoder alone "
+                   "on a frozen --encoder")
     p.add_argument("--teacher", help="train-teacher run, diffusers DDPM/UNet2DModel folder, or ADM .pt")
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(encode.cache_encodings), built on first use and reused; the teacher is not run while training")
     p.add_argument("--rebuild-cache", action="store_true", help="replace a --cache built from other inputs")
     p.add_argument("--encoder", help="ddep: the frozen encoder, an exported backbone .safetensors")
+    p.add_argument("--interpreter", help="dt-mix: a `dreamteacher interpreter` run (its teacher is the default)")
     _add_config_args(p)
 
     p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "pretrain":
         result = api.pretrain(args.data, args.out, args.teacher, args.method, args.model, args.preset,
                               args.overrides, args.resume, progress, args.cache, args.rebuild_cache,
-                              encoder=args.encoder)
+                              encoder=args.encoder, interpreter=args.interpreter)
         if "backbone" in result.files:  # written by the first process only
             print(f"backbone: {result.files['backbone']} ({result.steps} steps, {result.seconds:.0f} s)")
         if "decoder" in result.files:

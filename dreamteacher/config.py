@@ -87,6 +87,8 @@ class LossConfig:
     mse_weight: float = 1.0
     at_weight: float = 10.0  # lambda_AT of Eq. 3, "to make the two losses in the same scale"
     at_p: int = 2
+    ld_weight: float = 1.0  # dt-mix: lambda_ld of Eq. 6
+    ld_temperature: float = 4.0  # dt-mix: tau of Eq. 5
 
 
 @dataclass

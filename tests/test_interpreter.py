@@ -88,3 +88,45 @@ def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, 
             "--ignore-index", str(IGNORE)]
     assert main(args) == 0
     assert main(["evaluate", str(tmp_path / "cli"), "--images", str(images), "--masks", str(masks)]) == 0
+
+
+def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tiny_teacher_dir):
+    from conftest import IGNORE, NUM_CLASSES, TINY, write_images, write_scenes
+    from dreamteacher import api
+    from dreamteacher.checkpoints import read_checkpoint
+    from dreamteacher.downstream.interpreter import train_interpreter
+    from dreamteacher.errors import UserError
+
+    images, masks = write_scenes(tmp_path / "scenes")
+    train_interpreter(tiny_teacher_dir, images, masks, tmp_path / "interp", progress=False,
+                      overrides={"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
+                                          "num_workers": 0},
+                                 "encode": {"t": 50, "blocks": [0, 2, 4]}, "interpreter": {"width": 32},
+                                 "optim": {"epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu"}})
+    unlabeled = write_images(tmp_path / "unlabeled")
+    run = api.pretrain(unlabeled, tmp_path / "mix", method="dt-mix", interpreter=tmp_path / "interp", overrides=TINY,
+                       progress=False)  # the teacher comes from the interpreter
+    assert run.steps == 4 and math.isfinite(run.final_loss)
+    ckpt = read_checkpoint(run.checkpoint)
+    assert ckpt["hyper_parameters"]["method"] == "dt-mix" and ckpt["hyper_parameters"]["num_classes"] == NUM_CLASSES
+    assert ckpt["state_dict"]["label_head.weight"].shape[0] == NUM_CLASSES
+    assert not any(k.startswith(("interpreter.", "teacher.")) for k in ckpt["state_dict"])  # frozen, left out
+    import csv
+
+    logged = [row for row in csv.DictReader(open(run.run_dir / "logs" / "metrics.csv")) if row.get("train/ld")]
+    assert logged and all(float(row["train/ld"]) > 0 for row in logged)
+    assert (run.run_dir / "backbone.safetensors").is_file()
+
+    with pytest.raises(UserError, match="reads blocks \\[0, 2, 4\\] at t=50"):
+        api.pretrain(unlabeled, tmp_path / "x", method="dt-mix", interpreter=tmp_path / "interp",
+                     overrides=TINY + ["encode.t=20"], progress=False)
+    with pytest.raises(UserError, match="needs --interpreter"):
+        api.pretrain(unlabeled, tmp_path / "y", tiny_teacher_dir, method="dt-mix", overrides=TINY, progress=False)
+    from conftest import tiny_unet
+    from diffusers import DDPMPipeline
+    from dreamteacher.teachers.diffusion import default_scheduler
+
+    DDPMPipeline(unet=tiny_unet(seed=1), scheduler=default_scheduler()).save_pretrained(tmp_path / "other")
+    with pytest.raises(UserError, match="was trained on the teacher"):
+        api.pretrain(unlabeled, tmp_path / "z", tmp_path / "other", method="dt-mix", interpreter=tmp_path / "interp",
+                     overrides=TINY, progress=False)

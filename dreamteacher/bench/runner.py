@@ -188,8 +188,9 @@ class Bench:
         preset, overrides = self.pretrain_config()
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
-        # online distillation: the cache and the denoising settings play no part
-        settings = result_settings(config, {"denoise": None, "encode": ("cache_encodings",)})
+        # online feature distillation: the cache, denoising and label-distillation settings play no part
+        settings = result_settings(config, {"denoise": None, "encode": ("cache_encodings",),
+                                            "loss": ("ld_weight", "ld_temperature")})
         key = digest(method, teacher["key"], settings, folder_fingerprint(unlabeled))
 
         def run(folder: Path, resume: bool) -> dict:

@@ -45,9 +45,10 @@ class DTFeat(PretrainMethod):
     """
 
     def __init__(self, config: Config, feature_specs: list[FeatureSpec], teacher: DiffusionTeacher | None = None,
-                 teacher_path: str = ""):
-        super().__init__(config, method="dt-feat", extra={"teacher": teacher_path,
-                                                          "teacher_features": [vars(s) for s in feature_specs]})
+                 teacher_path: str = "", method: str = "dt-feat", extra: dict | None = None):
+        super().__init__(config, method=method, extra={"teacher": teacher_path,
+                                                       "teacher_features": [vars(s) for s in feature_specs],
+                                                       **(extra or {})})
         object.__setattr__(self, "teacher", teacher)  # deliberately unregistered, see class docstring
         self.backbone = Backbone(config.student.backbone)
         self.levels = pair_levels(feature_specs)
@@ -73,8 +74,14 @@ class DTFeat(PretrainMethod):
 
     def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Regressor outputs paired with the teacher's features, in the teacher's block order."""
-        outputs = self.regressor(self.backbone(images))
-        return [outputs[level] for level in self.levels]
+        return self.student_outputs(images)[1]
+
+    def student_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the regressor's finest fused map, (B, width, H/4, W/4) at stride 4 for 4 teacher levels;
+        the regressor outputs paired with the teacher's features, in the teacher's block order)."""
+        fused = self.regressor.fuse(self.backbone(images))
+        outputs = self.regressor.project(fused)
+        return fused[self.regressor.finest], [outputs[level] for level in self.levels]
 
     def teacher_features(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(images, teacher features) of a batch: images alone (encoded with fresh noise), or a dict
@@ -89,11 +96,14 @@ class DTFeat(PretrainMethod):
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         images, teacher_feats = self.teacher_features(batch)
-        student_feats = self.student_features(images)
+        return self.feature_losses(self.student_features(images), teacher_feats)
+
+    def feature_losses(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> dict:
+        """L_feat = w_mse * Eq. 1 + w_at * Eq. 2 -> {"loss", "mse", "at"}."""
         targets = [resize_to(t, s.shape[-2:]) for t, s in zip(teacher_feats, student_feats)]
         cfg = self.config.loss
         parts: dict[str, torch.Tensor] = {}
-        total = images.new_zeros(())
+        total = student_feats[0].new_zeros((), dtype=torch.float32)
         if cfg.mse_weight > 0:  # a term runs only when its weight is above zero
             parts["mse"] = whitened_mse_loss(student_feats, targets)
             total = total + cfg.mse_weight * parts["mse"]

@@ -66,6 +66,9 @@ class FeatureRegressor(nn.Module):
                 fused[level] = self.outputs[str(level)](top)
         return fused
 
+    def project(self, fused: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Fused maps -> teacher channels (None for levels without an output)."""
+        return [self.projections[str(l)](f) if str(l) in self.projections else None for l, f in enumerate(fused)]
+
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        return [self.projections[str(l)](f) if str(l) in self.projections else None
-                for l, f in enumerate(self.fuse(feats))]
+        return self.project(self.fuse(feats))

@@ -28,12 +28,14 @@ from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 
 
 def teacher_fingerprint(path: str | Path) -> str:
     """sha256 of the teacher's weight files (content, not dates: a copied teacher keeps its cache)."""
     path = Path(path)
+    if (path / "teacher" / "model_index.json").is_file():  # a train-teacher run: its pipeline, not its checkpoints
+        path = path / "teacher"
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
     digest = hashlib.sha256()
     for file in files:
