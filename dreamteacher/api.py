@@ -114,7 +114,8 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
     - `method="dt-feat"`: distill `teacher` (DreamTeacher). `cache`: a folder for the offline feature
       dataset (built on first use, reused after; the teacher is then not run while training).
     - `method="dt-mix"`: the same plus label distillation from an `interpreter` run (Eq. 6); the
-      teacher defaults to the interpreter's.
+      teacher defaults to the interpreter's. Also writes `out/decoder.safetensors`: the regressor and
+      logit head as a UPerNet decoder and head (G.4).
     - `method="dep"`: denoising pretraining of a whole U-Net; `"ddep"`: of its decoder alone, on the
       frozen `encoder` (an exported backbone). Both also write `out/decoder.safetensors`.
 
@@ -134,7 +135,7 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
                        engine.training_seconds(trainer), _final_loss(trainer))
     if trainer.is_global_zero:
         result.files["backbone"] = export_backbone(result.checkpoint, job.run_dir / "backbone.safetensors")
-        if method in ("dep", "ddep"):
+        if method in ("dt-mix", "dep", "ddep"):  # a decoder the downstream model can start from too
             result.files["decoder"] = export_decoder(result.checkpoint, job.run_dir / "decoder.safetensors")
         _write_summary(result, method, epochs=trainer.global_step / job.steps_per_epoch)
     return result

@@ -34,6 +34,7 @@ BACKBONE_PREFIX = "backbone.features.model."  # DreamTeacher students (methods/d
 UNET_BACKBONE_PREFIX = "model.net.encoder.model.model."
 UNET_DECODER_PREFIX = "model.net.decoder."
 DECODER_FORMAT = "smp-unet-decoder"
+UPERNET_DECODER_FORMAT = "smp-upernet-decoder"  # dt-mix: regressor + logit head as UPerNet's decoder + head
 
 
 def backbone_prefix(method: str) -> str:
@@ -230,28 +231,54 @@ def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor]
     return meta["model"], weights, meta
 
 
+def upernet_decoder_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A dt-mix student's regressor and logit head under the keys of segmentation_models_pytorch's
+    `UPerNet` (`decoder.*`, `segmentation_head.*`), the mapping being exact where the two share a layer:
+    PPM branches and fuse = `psp.blocks.i.1` / `psp.out_conv` (same concatenation order), FPN laterals
+    and output convs of levels 2, 1, 0 = `fpn_lateral_blocks.0..2` / `fpn_conv_blocks.0..2`, logit head
+    = `segmentation_head.0`. smp's `feature_norms` and `fusion_block` have no counterpart: random."""
+    renames = [("regressor.ppm.fuse.", "decoder.psp.out_conv."), ("label_head.", "segmentation_head.0.")]
+    renames += [(f"regressor.ppm.branches.{i}.", f"decoder.psp.blocks.{i}.1.") for i in range(4)]
+    renames += [(f"regressor.laterals.{level}.", f"decoder.fpn_lateral_blocks.{2 - level}.conv_norm_relu.")
+                for level in range(3)]
+    renames += [(f"regressor.outputs.{level}.", f"decoder.fpn_conv_blocks.{2 - level}.") for level in range(3)]
+    mapped = {}
+    for key, value in state_dict.items():
+        for old, new in renames:
+            if key.startswith(old):
+                mapped[new + key[len(old):]] = value
+    return mapped
+
+
 def export_decoder(checkpoint: str | Path, out: str | Path) -> Path:
-    """A denoising-pretrained U-Net decoder (without its 3-channel denoising projection) -> `out`
-    (.safetensors, the keys of segmentation_models_pytorch's `Unet(...).decoder`) + `out.json`."""
+    """A pretrained decoder -> `out` (.safetensors) + `out.json`, what `finetune --decoder` loads:
+    - dep / ddep: the U-Net decoder without its 3-channel denoising projection (the keys of
+      segmentation_models_pytorch's `Unet(...).decoder`);
+    - dt-mix: the regressor and logit head as an smp `UPerNet` decoder and head (G.4)."""
     ckpt = read_checkpoint(checkpoint)
     hparams = ckpt["hyper_parameters"]
-    weights = {k[len(UNET_DECODER_PREFIX):]: v for k, v in ckpt["state_dict"].items()
-               if k.startswith(UNET_DECODER_PREFIX)}
+    method, config = hparams.get("method", ""), hparams["config"]
+    if method == "dt-mix":
+        weights = upernet_decoder_weights(ckpt["state_dict"])
+        info = {"format": UPERNET_DECODER_FORMAT, "head": "upernet",
+                "decoder_channels": config["student"]["regressor_channels"], "num_classes": hparams["num_classes"]}
+    else:
+        weights = {k[len(UNET_DECODER_PREFIX):]: v for k, v in ckpt["state_dict"].items()
+                   if k.startswith(UNET_DECODER_PREFIX)}
+        info = {"format": DECODER_FORMAT, "head": "unet", "unet_width": config["denoise"]["unet_width"]}
     if not weights:
-        raise UserError(f"{checkpoint}: holds no U-Net decoder (method '{hparams.get('method')}'); only dep and "
-                        "ddep runs pretrain one")
+        raise UserError(f"{checkpoint}: holds no pretrained decoder (method '{method}'); dep, ddep and dt-mix "
+                        "runs pretrain one")
     out = Path(out)
-    info = {"format": DECODER_FORMAT, "model": hparams["config"]["student"]["backbone"],
-            "unet_width": hparams["config"]["denoise"]["unet_width"], "method": hparams.get("method", ""),
-            "step": int(ckpt.get("global_step", 0)),
-            "load": "dreamteacher finetune --head unet --backbone BACKBONE --decoder PATH"}
+    info.update({"model": config["student"]["backbone"], "method": method, "step": int(ckpt.get("global_step", 0)),
+                 "load": f"dreamteacher finetune --head {info['head']} --backbone BACKBONE --decoder PATH"})
     save_safetensors_atomic(weights, out, {k: str(v) for k, v in info.items()})
-    out.with_suffix(".json").write_text(json.dumps({**info, "config": hparams["config"]}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({**info, "config": config}, indent=2))
     return out
 
 
 def read_decoder_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A `decoder.safetensors` of a dep/ddep run -> (weights, metadata with model and unet_width)."""
+    """A `decoder.safetensors` of a dep/ddep/dt-mix run -> (weights, metadata: format, head, model, ...)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"decoder file not found: {path}")
@@ -261,8 +288,8 @@ def read_decoder_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         weights = load_file(str(path))
     except Exception:  # noqa: BLE001 - any unreadable file: one message
         raise UserError(f"{path}: not a safetensors decoder export") from None
-    if meta.get("format") != DECODER_FORMAT:
-        raise UserError(f"{path}: not a U-Net decoder export (a dep or ddep run writes decoder.safetensors)")
+    if meta.get("format") not in (DECODER_FORMAT, UPERNET_DECODER_FORMAT):
+        raise UserError(f"{path}: not a decoder export (dep, ddep and dt-mix runs write decoder.safetensors)")
     return weights, meta
 
 

@@ -131,7 +131,7 @@ def test_finetune_starts_from_the_pretrained_decoder(dep_run, tmp_path, monkeypa
     with pytest.raises(UserError, match="unet_width 8, model.unet_width is 16"):
         ft.finetune(dep.files["backbone"], images, masks, tmp_path / "c", progress=False, decoder=dep.files["decoder"],
                     overrides={**FINETUNE, "model": {"head": "unet", "unet_width": 16}})
-    with pytest.raises(UserError, match="not a U-Net decoder export"):
+    with pytest.raises(UserError, match="not a decoder export"):
         ft.finetune(dep.files["backbone"], images, masks, tmp_path / "d", progress=False, decoder=dep.files["backbone"],
                     overrides=FINETUNE)
     assert load_file(str(dep.files["decoder"]))  # plain safetensors, readable without dreamteacher

@@ -117,6 +117,30 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     assert logged and all(float(row["train/ld"]) > 0 for row in logged)
     assert (run.run_dir / "backbone.safetensors").is_file()
 
+    # G.4: the downstream UperNet starts from the regressor and logit head where it has their layers
+    import dreamteacher.downstream.finetune as ft
+    from dreamteacher.checkpoints import read_decoder_export
+
+    decoder, meta = read_decoder_export(run.files["decoder"])
+    state = ckpt["state_dict"]
+    assert meta["head"] == "upernet" and meta["num_classes"] == str(NUM_CLASSES)
+    assert torch.equal(decoder["decoder.psp.out_conv.0.weight"], state["regressor.ppm.fuse.0.weight"])
+    # smp counts FPN levels from the coarse end: regressor level 1 (stride 8) is smp's block 1 of 0..2
+    assert torch.equal(decoder["decoder.fpn_lateral_blocks.1.conv_norm_relu.0.weight"],
+                       state["regressor.laterals.1.0.weight"])
+    assert torch.equal(decoder["decoder.fpn_conv_blocks.0.0.weight"], state["regressor.outputs.2.0.weight"])
+    assert torch.equal(decoder["segmentation_head.0.weight"], state["label_head.weight"])
+    seg = dict(data={"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
+               model={"head": "upernet", "decoder_channels": 32}, optim={"iterations": 1, "batch_size": 2},
+               trainer={"accelerator": "cpu"})
+    tuned = ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg", decoder=run.files["decoder"],
+                        progress=False, **seg)
+    assert tuned.init["decoder_init"] == "pretrained"
+    assert {"decoder.fusion_block.0", "decoder.feature_norms.0"} <= set(tuned.init["decoder_random_layers"])
+    with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):
+        ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg5", decoder=run.files["decoder"],
+                    progress=False, **{**seg, "data": {**seg["data"], "num_classes": 5}})
+
     with pytest.raises(UserError, match="reads blocks \\[0, 2, 4\\] at t=50"):
         api.pretrain(unlabeled, tmp_path / "x", method="dt-mix", interpreter=tmp_path / "interp",
                      overrides=TINY + ["encode.t=20"], progress=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +224,7 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     if weights is not None and ckpt is None:
         module.model.load_backbone(weights, str(backbone))
     if decoder_weights is not None and ckpt is None:
-        module.model.load_decoder(decoder_weights, str(decoder))
+        init["decoder_random_layers"] = module.model.load_decoder(decoder_weights, str(decoder))
     trainer.fit(module, loader, ckpt_path=ckpt)
     trainer.save_checkpoint(engine.checkpoint_path(run_dir))
     loss = trainer.callback_metrics.get("train/loss")
@@ -249,19 +250,31 @@ def _decoder_init(decoder: str | Path | None, config: FinetuneConfig, init: dict
     init["decoder_init"] = "random"
     if decoder is None:
         return None
-    if m.head != "unet":
-        raise UserError(f"--decoder {decoder}: a pretrained U-Net decoder needs --head unet (model.head={m.head})")
     weights, meta = read_decoder_export(decoder)
+    if m.head != meta["head"]:
+        raise UserError(f"--decoder {decoder} is a pretrained {meta['head']} decoder ({meta['method']}): it needs "
+                        f"--head {meta['head']} (model.head={m.head})")
     if init["backbone_init"] != "pretrained":
-        raise UserError(f"--decoder {decoder}: its skip inputs come from a pretrained encoder; pass that "
-                        "encoder as --backbone (a dep/ddep run writes backbone.safetensors beside it)")
+        raise UserError(f"--decoder {decoder}: its inputs come from a pretrained encoder; pass that encoder as "
+                        "--backbone (the run that wrote the decoder wrote backbone.safetensors beside it)")
     if meta["model"] != init["backbone"]:
         raise UserError(f"--decoder {decoder} was pretrained on a {meta['model']} encoder, --backbone is "
                         f"{init['backbone']}")
-    width = int(meta["unet_width"])
-    if m.unet_width and m.unet_width != width:
-        raise UserError(f"--decoder {decoder} has unet_width {width}, model.unet_width is {m.unet_width}")
-    init.update({"unet_width": width, "decoder_init": "pretrained", "decoder_source": str(Path(decoder).resolve()),
+    if meta["head"] == "unet":
+        width = int(meta["unet_width"])
+        if m.unet_width and m.unet_width != width:
+            raise UserError(f"--decoder {decoder} has unet_width {width}, model.unet_width is {m.unet_width}")
+        init["unet_width"] = width
+    else:
+        if int(meta["decoder_channels"]) != m.decoder_channels:
+            raise UserError(f"--decoder {decoder} is {meta['decoder_channels']} channels wide, "
+                            f"model.decoder_channels is {m.decoder_channels}")
+        classes = int(meta["num_classes"])
+        if classes != config.data.num_classes:  # another task's labels: keep the decoder, not the classifier
+            warnings.warn(f"--decoder {decoder}: its logit head was distilled for {classes} classes, this task has "
+                          f"{config.data.num_classes}: the segmentation head starts from random init", stacklevel=3)
+            weights = {k: v for k, v in weights.items() if not k.startswith("segmentation_head.")}
+    init.update({"decoder_init": "pretrained", "decoder_source": str(Path(decoder).resolve()),
                  "decoder_method": meta.get("method", "")})
     return weights
 

@@ -82,14 +82,26 @@ class Segmenter(nn.Module):
     def load_backbone(self, weights: dict[str, torch.Tensor], source: str) -> None:
         load_timm_weights(self.backbone_model(), weights, source)
 
-    def load_decoder(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        """A pretrained U-Net decoder (`decoder.safetensors` of a DeP/DDeP run), strictly."""
-        if self.head != "unet":
-            raise UserError(f"{source}: a pretrained decoder initializes the unet head only (model.head={self.head})")
-        missing, unexpected = self.net.decoder.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise UserError(f"{source}: decoder weights do not fit this U-Net (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}); is model.unet_width the one it was pretrained with?")
+    def load_decoder(self, weights: dict[str, torch.Tensor], source: str) -> list[str]:
+        """A pretrained decoder (`decoder.safetensors`): a DeP/DDeP U-Net decoder, strictly; or a dt-mix
+        regressor as UPerNet's decoder and head, where it has the layer (the rest stays random).
+        Returns the names of the layers left at random initialization."""
+        if self.head == "unet":
+            missing, unexpected = self.net.decoder.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise UserError(f"{source}: decoder weights do not fit this U-Net (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]}); is model.unet_width the one it was pretrained with?")
+            return []
+        if self.head != "upernet":
+            raise UserError(f"{source}: a pretrained decoder initializes the unet or upernet head, not {self.head}")
+        own = self.net.state_dict()
+        wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise UserError(f"{source}: decoder weights do not fit this UPerNet ({wrong[:3]}); is "
+                            "model.decoder_channels the regressor width it was pretrained with?")
+        self.net.load_state_dict(weights, strict=False)
+        layers = {k.rsplit(".", 1)[0] for k in own if k.startswith(("decoder.", "segmentation_head."))}
+        return sorted(layer for layer in layers if not any(k.startswith(layer + ".") for k in weights))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images - self.mean) / self.std)
