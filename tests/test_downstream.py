@@ -272,3 +272,32 @@ def test_bench_denoising_rows_start_from_the_pretrained_decoder(scenes, tmp_path
     assert ddep["pretrain_seconds"] >= sum(s["seconds"] for s in ddep["pretrain_stages"].values()) - 0.2
     table = (tmp_path / "bench" / "results.md").read_text()
     assert "| dt-feat+ddep | unet | backbone+decoder |" in table
+
+
+def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_path):
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["rows"] = [{"method": "teacher-interpreter", "head": "interpreter", "seeds": [0]},
+                    {"method": "dt-mix", "head": "upernet", "iterations": 2, "seeds": [0], "fractions": ["1-30"]}]
+    spec["interpreter_overrides"] = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES,
+                                              "ignore_index": IGNORE, "num_workers": 0},
+                                     "encode": {"t": 50, "blocks": spec["pretrain_overrides"]["encode"]["blocks"]},
+                                     "interpreter": {"width": 32}, "optim": {"epochs": 2, "batch_size": 2},
+                                     "trainer": {"accelerator": "cpu"}}
+    recipe.write_text(yaml.safe_dump(spec))
+    with pytest.warns(UserWarning):  # the 2-image split lacks a class
+        result = bench(recipe, tmp_path / "bench", progress=False)
+    made = {(r["method"], r["fraction"]): r for r in result.rows}
+    assert set(made) == {("teacher-interpreter", "1-30"), ("teacher-interpreter", "full"), ("dt-mix", "1-30")}
+    interp = made[("teacher-interpreter", "1-30")]
+    assert interp["labeled"] == 2 and interp["initialized"] == "teacher+interpreter"
+    mix = made[("dt-mix", "1-30")]
+    assert mix["initialized"] == "backbone+decoder" and set(mix["pretrain_stages"]) == {"teacher", "interpreter", "student"}
+    # the dt-mix row used the interpreter of its own fraction (the 1-30 one)
+    runs = tmp_path / "bench" / "runs"
+    assert (runs / "pretrain-dt-mix-1-30-seed0").is_dir() and not (runs / "pretrain-dt-mix-full-seed0").exists()
+    assert all(r["inference_gflops"] > 0 for r in result.rows)
+    assert interp["inference_gflops"] != mix["inference_gflops"]

@@ -25,7 +25,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                     "seeds": sorted(c["seed"] for c in cells), "pretrain_seconds": cells[0]["pretrain_seconds"],
                     "pretrain_epochs": cells[0]["pretrain_epochs"],
-                    "initialized": cells[0].get("initialized", "none" if method == "scratch" else "backbone")})
+                    "initialized": cells[0].get("initialized", "none" if method == "scratch" else "backbone"),
+                    "inference_gflops": cells[0].get("inference_gflops")})
     return out
 
 
@@ -67,11 +68,13 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         "",
         "mIoU (0-100), mean ± sample std over seeds (number of seeds in brackets). `upernet` and `unet` "
         "fine-tune the whole network; `readout` trains a linear 1x1 conv on the frozen backbone. "
-        "`initialized`: the parts that start from pretrained weights (the rest from random init).",
+        "`initialized`: the parts that start from pretrained weights (the rest from random init); "
+        "`teacher+interpreter` is the teacher with a feature interpreter as the segmenter, no student. "
+        "`GFLOPs/img`: the segmenter's forward cost on one image at the fine-tuning resolution.",
         "",
-        "| method | head | initialized | pretrain wall-clock | pretrain epochs | "
+        "| method | head | initialized | GFLOPs/img | pretrain wall-clock | pretrain epochs | "
         + " | ".join(f"{FRACTION_LABEL[f]} ({labeled[f]} img)" for f in fractions) + " |",
-        "|---|---|---|---|---|" + "---|" * len(fractions),
+        "|---|---|---|---|---|---|" + "---|" * len(fractions),
     ]
     for method, head in _row_keys(summary):
         cells = []
@@ -79,7 +82,9 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
             s = by_key.get((method, head, f))
             cells.append("" if s is None else f"{s['mean']:.1f} ± {s['std']:.1f} ({len(s['seeds'])})")
         first = next(s for s in summary if (s["method"], s["head"]) == (method, head))
-        lines.append(f"| {method} | {head} | {first['initialized']} | {_minutes(first['pretrain_seconds'])} | "
+        gflops = first.get("inference_gflops")
+        lines.append(f"| {method} | {head} | {first['initialized']} | {gflops if gflops is not None else '-'} | "
+                     f"{_minutes(first['pretrain_seconds'])} | "
                      f"{first['pretrain_epochs'] or '-'} | " + " | ".join(cells) + " |")
     names = meta.get("class_names")
     if names and rows:

@@ -164,22 +164,55 @@ class Bench:
             self._stages[name] = result
         return result
 
-    def backbone_stage(self, method: str, allow_run: bool = True) -> dict | None:
+    def backbone_stage(self, method: str, allow_run: bool = True, fraction: str | None = None) -> dict | None:
         """{backbone, key, pretrain_seconds, pretrain_epochs, stages} of a row's method; SCRATCH for
-        `scratch`; None when not computed and `allow_run` is off."""
+        `scratch`; None when not computed and `allow_run` is off. Label-guided methods (dt-mix) have
+        one backbone per label `fraction`, the one their labels come from."""
         if method == "scratch":
             return SCRATCH
-        if method in self._stages:
-            return self._stages[method]
-        builder = PRETRAINERS.get(method)
-        if builder is None:
-            raise UserError(f"recipe row method '{method}' is unknown; available: scratch, {', '.join(PRETRAINERS)}")
-        result = builder(self, allow_run)
+        name = f"{method}@{fraction}" if method in LABEL_GUIDED else method
+        if name in self._stages:
+            return self._stages[name]
+        if method in LABEL_GUIDED:
+            result = LABEL_GUIDED[method](self, fraction, allow_run)
+        elif method in PRETRAINERS:
+            result = PRETRAINERS[method](self, allow_run)
+        else:
+            known = ", ".join(["scratch", *PRETRAINERS, *LABEL_GUIDED])
+            raise UserError(f"recipe row method '{method}' is unknown; available: {known}")
         if result is not None:
-            self._stages[method] = result
+            self._stages[name] = result
         return result
 
-    def distill_stage(self, method: str, teacher: dict | None, allow_run: bool) -> dict | None:
+    def interpreter_stage(self, fraction: str, seed: int, allow_run: bool) -> dict | None:
+        """A feature interpreter on the trained teacher, with the labels of `fraction` (G.2)."""
+        from dreamteacher.downstream.interpreter import build_interpreter_config, train_interpreter
+
+        teacher = self.teacher_stage(True, allow_run)
+        if teacher is None:
+            return None
+        preset = self.spec.get("interpreter_preset")
+        overrides = _deep_merge(self.spec.get("interpreter_overrides") or {}, {"trainer": {"seed": seed}})
+        config = build_interpreter_config(preset, overrides)
+        split = self.data_root / self.spec["data"]["splits"][fraction]
+        images, masks = self.path("images"), self.path("masks")
+        key = digest("interpreter", teacher["key"], result_settings(config.to_dict()), split.read_text(),
+                     folder_fingerprint(masks))
+
+        def run(folder: Path, resume: bool) -> dict:
+            self.log(f"[bench] training the feature interpreter on {fraction} of the labels, seed {seed}")
+            result = train_interpreter(teacher["teacher"], images, masks, folder, split=split, preset=preset,
+                                       overrides=overrides, resume=resume, progress=self.progress)
+            return {"interpreter": str(folder), "seconds": result.seconds, "iterations": result.steps,
+                    "labeled": json.loads((folder / "segmenter.json").read_text())["labeled_images"]}
+
+        trained = Stage(self.runs / "interpreters" / f"{fraction}-seed{seed}", key, run).result(allow_run)
+        if trained is not None:
+            trained["teacher_seconds"] = teacher["seconds"]
+        return trained
+
+    def distill_stage(self, method: str, teacher: dict | None, allow_run: bool,
+                      interpreter: dict | None = None) -> dict | None:
         if teacher is None:
             return None
         from dreamteacher import api
@@ -189,26 +222,34 @@ class Bench:
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
         # online feature distillation: the cache, denoising and label-distillation settings play no part
-        settings = result_settings(config, {"denoise": None, "encode": ("cache_encodings",),
-                                            "loss": ("ld_weight", "ld_temperature")})
-        key = digest(method, teacher["key"], settings, folder_fingerprint(unlabeled))
+        drop = {"denoise": None, "encode": ("cache_encodings",)}
+        if interpreter is None:
+            drop["loss"] = ("ld_weight", "ld_temperature")
+        settings = result_settings(config, drop)
+        parts = [method, teacher["key"], settings, folder_fingerprint(unlabeled)]
+        key = digest(*parts, interpreter["key"]) if interpreter else digest(*parts)
+        folder_name = f"pretrain-{method}" + (f"-{Path(interpreter['interpreter']).name}" if interpreter else "")
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] pretraining '{method}' in {folder}")
-            result = api.pretrain(unlabeled, folder, teacher=teacher["teacher"], method="dt-feat", preset=preset,
-                                  overrides=overrides, resume=resume, progress=self.progress)
+            result = api.pretrain(unlabeled, folder, teacher=teacher["teacher"],
+                                  method="dt-mix" if interpreter else "dt-feat", preset=preset, overrides=overrides,
+                                  resume=resume, progress=self.progress,
+                                  interpreter=interpreter["interpreter"] if interpreter else None)
             summary = api.read_summary(folder) or {}
-            return {"backbone": str(result.files["backbone"]), "seconds": result.seconds, "steps": result.steps,
-                    "epochs": summary.get("epochs")}
+            files = {name: str(path) for name, path in result.files.items()}
+            return {**files, "seconds": result.seconds, "steps": result.steps, "epochs": summary.get("epochs")}
 
-        student = Stage(self.runs / f"pretrain-{method}", key, run).result(allow_run)
+        student = Stage(self.runs / folder_name, key, run).result(allow_run)
         if student is None:
             return None
-        return {"backbone": student["backbone"], "key": student["key"],
-                "pretrain_seconds": round(teacher["seconds"] + student["seconds"], 1),
-                "pretrain_epochs": student["epochs"],
-                "stages": {"teacher": {k: teacher[k] for k in ("seconds", "steps", "epochs")},
-                           "student": {k: student[k] for k in ("seconds", "steps", "epochs")}}}
+        stages = {"teacher": {k: teacher[k] for k in ("seconds", "steps", "epochs")}}
+        if interpreter:
+            stages["interpreter"] = {"seconds": interpreter["seconds"], "steps": interpreter["iterations"]}
+        stages["student"] = {k: student[k] for k in ("seconds", "steps", "epochs")}
+        return {"backbone": student["backbone"], "decoder": student.get("decoder"), "key": student["key"],
+                "pretrain_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
+                "pretrain_epochs": student["epochs"], "stages": stages}
 
     def denoise_stage(self, name: str, method: str, encoder: dict | None, allow_run: bool) -> dict | None:
         """DeP (`encoder` None) or DDeP on `encoder`'s backbone: a backbone and a U-Net decoder."""
@@ -243,9 +284,11 @@ class Bench:
 
     # ---------------------------------------------------------------- fine-tuning cells
     def cell(self, row: dict, fraction: str, seed: int, backbone: dict, allow_run: bool = True) -> dict | None:
-        from dreamteacher.downstream.finetune import build_finetune_config, evaluate, finetune
+        from dreamteacher.downstream.finetune import build_finetune_config, finetune
 
         method, head = row["method"], row.get("head", "upernet")
+        if method == "teacher-interpreter":
+            return self.interpreter_cell(fraction, seed, allow_run)
         iterations = row.get("iterations", self.spec["iterations"][fraction])
         if isinstance(iterations, dict):
             iterations = iterations[fraction]
@@ -263,7 +306,9 @@ class Bench:
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] fine-tuning {method} / {head} on {fraction} of the labels, seed {seed}")
-            decoder = backbone.get("decoder") if head == "unet" else None  # a pretrained U-Net decoder
+            # a pretrained decoder of this head's kind: DeP/DDeP's U-Net, dt-mix's UperNet (G.4)
+            kinds = {"unet": ("dep", "ddep", "dt-feat+ddep"), "upernet": ("dt-mix",)}
+            decoder = backbone.get("decoder") if method in kinds.get(head, ()) else None
             result = finetune(backbone["backbone"], images, masks, folder, split=split, preset=preset,
                               overrides=overrides, resume=resume, progress=self.progress, decoder=decoder)
             info = json.loads((folder / "segmenter.json").read_text())
@@ -274,28 +319,76 @@ class Bench:
         trained = Stage(folder, key, run).result(allow_run)
         if trained is None:
             return None
-        eval_key = digest(trained["key"], str(self.eval_images), folder_fingerprint(self.eval_masks))
+        scores = self.scores(folder, trained["key"], f"{method} / {head} {fraction} seed {seed}", allow_run)
+        if scores is None:
+            return None
+        return {"method": method, "head": head, "fraction": fraction, "labeled": trained["labeled"], "seed": seed,
+                "miou": round(scores["miou"], 2),
+                "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
+                "pixel_accuracy": round(scores["pixel_accuracy"], 2),
+                "pretrain_seconds": backbone["pretrain_seconds"], "pretrain_epochs": backbone["pretrain_epochs"],
+                "pretrain_stages": backbone["stages"],
+                "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1),
+                "initialized": trained.get("initialized", "none" if method == "scratch" else "backbone"),
+                "inference_gflops": scores.get("gflops_per_image")}
+
+    def interpreter_cell(self, fraction: str, seed: int, allow_run: bool) -> dict | None:
+        """The teacher + interpreter as the segmenter (Table 5's DDPM-seg family): no fine-tuning."""
+        trained = self.interpreter_stage(fraction, seed, allow_run)
+        if trained is None:
+            return None
+        folder = Path(trained["interpreter"])
+        scores = self.scores(folder, trained["key"], f"teacher-interpreter {fraction} seed {seed}", allow_run)
+        if scores is None:
+            return None
+        return {"method": "teacher-interpreter", "head": "interpreter", "fraction": fraction,
+                "labeled": trained["labeled"], "seed": seed, "miou": round(scores["miou"], 2),
+                "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
+                "pixel_accuracy": round(scores["pixel_accuracy"], 2),
+                "pretrain_seconds": round(trained["teacher_seconds"], 1), "pretrain_epochs": 0,
+                "pretrain_stages": {"teacher": {"seconds": trained["teacher_seconds"]}},
+                "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1),
+                "initialized": "teacher+interpreter", "inference_gflops": scores.get("gflops_per_image")}
+
+    def scores(self, folder: Path, key: str, what: str, allow_run: bool) -> dict | None:
+        """Evaluation of a finished run on the bench's evaluation set (cached beside the run), with the
+        model's inference cost per image at its resolution."""
+        from dreamteacher.downstream.finetune import evaluate
+
+        eval_key = digest(key, str(self.eval_images), folder_fingerprint(self.eval_masks))
         eval_path = folder / f"eval-{eval_key}.json"
         if eval_path.is_file():
             scores = json.loads(eval_path.read_text())
         elif not allow_run:
             return None
         else:
-            self.log(f"[bench] evaluating {method} / {head} {fraction} seed {seed} on {self.eval_images}")
+            self.log(f"[bench] evaluating {what} on {self.eval_images}")
             scores = evaluate(folder, self.eval_images, self.eval_masks).to_dict()
             tmp = eval_path.with_name(eval_path.name + ".tmp")
             tmp.write_text(json.dumps(scores))
             tmp.replace(eval_path)
-        return {"method": method, "head": head, "fraction": fraction, "labeled": trained["labeled"], "seed": seed,
-                "miou": round(scores["miou"], 2), "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
-                "pixel_accuracy": round(scores["pixel_accuracy"], 2),
-                "pretrain_seconds": backbone["pretrain_seconds"], "pretrain_epochs": backbone["pretrain_epochs"],
-                "pretrain_stages": backbone["stages"],
-                "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1),
-                "initialized": trained.get("initialized", "none" if method == "scratch" else "backbone")}
+        if "gflops_per_image" not in scores:  # cheap, and kept beside the scores
+            scores["gflops_per_image"] = inference_gflops(folder)
+            tmp = eval_path.with_name(eval_path.name + ".tmp")
+            tmp.write_text(json.dumps(scores))
+            tmp.replace(eval_path)
+        return scores
 
 
 SCRATCH = {"backbone": None, "key": "scratch", "pretrain_seconds": 0.0, "pretrain_epochs": 0, "stages": {}}
+
+
+def inference_gflops(folder: Path) -> float:
+    """Forward FLOPs of a finished run's segmenter on one image at its resolution (GFLOPs, multiply-
+    adds counted twice): the teacher + interpreter against a fine-tuned student, in one unit."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreamteacher.downstream.models import load_segmenter
+
+    model, info = load_segmenter(folder)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, 3, *info["resolution"]))
+    return round(counter.get_total_flops() / 1e9, 2)
 
 
 def _dt_feat(bench: Bench, allow_run: bool) -> dict | None:
@@ -314,6 +407,17 @@ def _dt_feat_ddep(bench: Bench, allow_run: bool) -> dict | None:
     """DreamTeacher encoder (frozen) + a DDeP-pretrained U-Net decoder on it."""
     return bench.denoise_stage("dt-feat+ddep", "ddep", bench.backbone_stage("dt-feat", allow_run), allow_run)
 
+
+def _dt_mix(bench: Bench, fraction: str, allow_run: bool) -> dict | None:
+    """Mix distillation with the interpreter trained on `fraction`'s labels (seed 0)."""
+    interpreter = bench.interpreter_stage(fraction, 0, allow_run)
+    if interpreter is None:
+        return None
+    return bench.distill_stage("dt-mix", bench.teacher_stage(True, allow_run), allow_run, interpreter)
+
+
+# label-guided methods: one backbone per label fraction
+LABEL_GUIDED: dict[str, Callable[[Bench, str, bool], dict | None]] = {"dt-mix": _dt_mix}
 
 # method name (as used across the project's tables) -> how its backbone (and decoder) is pretrained
 PRETRAINERS: dict[str, Callable[[Bench, bool], dict | None]] = {
@@ -381,10 +485,19 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
     results: list[dict] = []
     for row in spec["rows"]:
         selected = row in wanted_rows
-        backbone = bench_.backbone_stage(row["method"], allow_run=selected)
+        method = row["method"]
+        shared = None if method in LABEL_GUIDED or method == "teacher-interpreter" else \
+            bench_.backbone_stage(method, allow_run=selected)
         for fraction in FRACTIONS:
-            if fraction not in spec["data"]["splits"]:
+            if fraction not in spec["data"]["splits"] or fraction not in row.get("fractions", FRACTIONS):
                 continue
+            asked = selected and fraction in wanted_fractions
+            if method == "teacher-interpreter":
+                backbone = SCRATCH  # no backbone: the cell is the interpreter itself
+            elif method in LABEL_GUIDED:
+                backbone = bench_.backbone_stage(method, allow_run=asked, fraction=fraction)
+            else:
+                backbone = shared
             row_seeds = row.get("seeds", spec["seeds"][fraction])
             if isinstance(row_seeds, dict):
                 row_seeds = row_seeds[fraction]
