@@ -72,8 +72,10 @@ def export_info(path: Path) -> dict[str, Any]:
         if "format" not in meta:
             return {"kind": "safetensors file without dreamteacher metadata (not an export)", "path": str(path),
                     "tensors": len(keys), "parameters": params, "first_keys": keys[:5]}
-        if meta["format"] == "smp-unet-decoder":
-            return {"kind": "U-Net decoder export (denoising pretraining)", "path": str(path), "tensors": len(keys),
+        if meta["format"] in ("smp-unet-decoder", "smp-upernet-decoder"):
+            kind = "U-Net decoder export (denoising pretraining)" if meta["format"] == "smp-unet-decoder" else \
+                "UperNet decoder and head export (dt-mix regressor and logit head)"
+            return {"kind": kind, "path": str(path), "tensors": len(keys),
                     "parameters": params, **{k: v for k, v in meta.items() if k not in ("format", "load")},
                     "use": meta.get("load", "")}
         return {"kind": f"backbone export ({meta['format']} keys)", "path": str(path), "tensors": len(keys),

@@ -136,6 +136,8 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     tuned = ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg", decoder=run.files["decoder"],
                         progress=False, **seg)
     assert tuned.init["decoder_init"] == "pretrained"
+    assert api.info(run.files["decoder"])["kind"].startswith("UperNet decoder and head export")
+    assert api.info(tmp_path / "interp")["method"] == "interpreter"
     assert {"decoder.fusion_block.0", "decoder.feature_norms.0"} <= set(tuned.init["decoder_random_layers"])
     with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):
         ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg5", decoder=run.files["decoder"],
