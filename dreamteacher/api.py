@@ -177,7 +177,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         teacher = teacher if teacher is not None else interpreter_info["teacher"]
     elif interpreter is not None:
         raise UserError(f"--interpreter is for --method dt-mix, not {method}")
-    encoder_name, encoder_weights = None, None
+    encoder_weights = None
     if method == "ddep":
         if encoder is None:
             raise UserError("--method ddep needs --encoder: an exported backbone (the frozen encoder)")
@@ -202,7 +202,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         teacher_model = load_teacher(teacher, config)
         teacher_model.check_resolution(*config.data.resolution)
     if interpreter_info is not None:
-        _check_interpreter(interpreter, interpreter_info, teacher, teacher_model, config)
+        _check_interpreter(interpreter, interpreter_info, teacher, config)
     ckpt = engine.prepare_run_dir(run_dir, resume)  # before a cache build: a refused run costs nothing
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
@@ -251,7 +251,7 @@ def _interpreter_info(interpreter: str | Path | None) -> dict:
     return info
 
 
-def _check_interpreter(interpreter, info: dict, teacher, teacher_model, config: Config) -> None:
+def _check_interpreter(interpreter, info: dict, teacher, config: Config) -> None:
     """The interpreter reads the teacher's features: same teacher, blocks and t as it was trained on."""
     from dreamteacher.teachers.cache import teacher_fingerprint
 
