@@ -119,6 +119,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.errorbar([p["labeled"] for p in points], [p["mean"] for p in points], yerr=[p["std"] for p in points],
                     marker="o", capsize=3, linestyle="-" if head != "readout" else "--", label=f"{method} ({head})")
     ax.set_xscale("log")
+    counts = sorted({s["labeled"] for s in summary})
+    ax.set_xticks(counts, [str(c) for c in counts])  # the label counts themselves, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("labeled training images")
     ax.set_ylabel("mIoU")
     ax.set_title(title)
