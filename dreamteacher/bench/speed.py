@@ -140,7 +140,6 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
                 out: str | Path | None = None, cache: bool = True, progress: bool = True) -> dict:
     """Times the parts and the whole of a pretraining step; returns (and writes to `out`) the figures."""
     from dreamteacher import api
-    from dreamteacher.teachers.cache import open_cache
 
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
