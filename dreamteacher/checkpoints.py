@@ -210,20 +210,25 @@ WRITERS = {"timm": _write_timm, "torchvision": _write_torchvision, "smp": _write
            "detectron2": _write_detectron2}
 
 
+def _read_export(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(weights, metadata) of a .safetensors export; one clear line for a missing or unreadable file."""
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception:  # noqa: BLE001 - any unreadable file: one message
+        raise UserError(f"{path}: not a safetensors {what} export") from None
+
+
 def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
     """An exported backbone -> (timm model name, weights under timm keys, metadata)."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".ckpt":
         raise UserError(f"{path} is a training run/checkpoint, not a backbone export: run "
                         f"`dreamteacher export {path}` and pass the .safetensors it writes")
-    if not path.is_file():
-        raise UserError(f"backbone file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        weights = load_file(str(path))
-    except Exception:  # noqa: BLE001 - any unreadable file: one message
-        raise UserError(f"{path}: not a safetensors backbone export") from None
+    weights, meta = _read_export(path, "backbone")
     if meta.get("format") != "timm" or "model" not in meta:
         hint = f" (this one has {meta['format']} keys)" if meta.get("format") else ""
         raise UserError(f"{path}: not a dreamteacher backbone export in the timm format{hint}: make one with "
@@ -279,15 +284,7 @@ def export_decoder(checkpoint: str | Path, out: str | Path) -> Path:
 
 def read_decoder_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A `decoder.safetensors` of a dep/ddep/dt-mix run -> (weights, metadata: format, head, model, ...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"decoder file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        weights = load_file(str(path))
-    except Exception:  # noqa: BLE001 - any unreadable file: one message
-        raise UserError(f"{path}: not a safetensors decoder export") from None
+    weights, meta = _read_export(Path(path), "decoder")
     if meta.get("format") not in (DECODER_FORMAT, UPERNET_DECODER_FORMAT):
         raise UserError(f"{path}: not a decoder export (dep, ddep and dt-mix runs write decoder.safetensors)")
     return weights, meta

@@ -25,6 +25,15 @@ def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False, kind: s
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs are still written)")
 
 
+def _add_labeled_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--masks", required=True, help="folder of label maps (class ids), same file names")
+    p.add_argument("--split", help="file naming the labeled images to use, one per line (default: all)")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--num-classes", type=int, help="same as --set data.num_classes=N")
+    p.add_argument("--ignore-index", type=int, help="label id to ignore (same as --set data.ignore_index=K)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamteacher", description=(
         "Pretrain image backbones for dense prediction by distilling generative models."))
@@ -66,24 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a segmentation head on an exported (or random) backbone")
     p.add_argument("--backbone", required=True, help="exported backbone .safetensors, or 'none' for random init")
-    p.add_argument("--images", required=True, help="folder of training images")
-    p.add_argument("--masks", required=True, help="folder of label maps (class ids), same file names")
-    p.add_argument("--split", help="file naming the labeled images to use, one per line (default: all)")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--num-classes", type=int, help="same as --set data.num_classes=N")
-    p.add_argument("--ignore-index", type=int, help="label id to ignore (same as --set data.ignore_index=K)")
+    _add_labeled_data_args(p)
     p.add_argument("--head", choices=["upernet", "unet", "readout"], help="same as --set model.head=...")
-    p.add_argument("--decoder", help="unet head: a dep/ddep run's decoder.safetensors to initialize the decoder")
+    p.add_argument("--decoder", help="a dep/ddep (unet) or dt-mix (upernet) run's decoder.safetensors to start from")
     _add_config_args(p, finetune=True)
 
     p = sub.add_parser("interpreter", help="train a feature interpreter on a frozen teacher with a few labels")
     p.add_argument("--teacher", required=True, help="train-teacher run, diffusers folder or ADM .pt")
-    p.add_argument("--images", required=True, help="folder of training images")
-    p.add_argument("--masks", required=True, help="folder of label maps (class ids), same file names")
-    p.add_argument("--split", help="file naming the labeled images to use, one per line (default: all)")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--num-classes", type=int, help="same as --set data.num_classes=N")
-    p.add_argument("--ignore-index", type=int, help="label id to ignore (same as --set data.ignore_index=K)")
+    _add_labeled_data_args(p)
     _add_config_args(p, kind="interpreter")
 
     p = sub.add_parser("evaluate", help="mIoU and per-class IoU of a fine-tuned (or interpreter) run")

@@ -76,19 +76,24 @@ def available_finetune_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def build_finetune_config(preset: str | None = None, overrides: list[str] | dict | None = None,
-                          base: dict | None = None) -> FinetuneConfig:
+def preset_layers(kind: str, preset_dir: Path, preset: str | None, overrides: list[str] | dict | None,
+                  base: dict | None) -> list[dict]:
+    """Config layers in order: `base` (a saved run's config), the named preset file, the overrides."""
     from dreamteacher.config import _as_dict
 
     layers = [base or {}]
     if preset:
-        path = PRESET_DIR / f"{preset}.yaml"
+        path = preset_dir / f"{preset}.yaml"
         if not path.is_file():
-            raise UserError(f"unknown finetune preset '{preset}'; choose one of: "
-                            f"{', '.join(available_finetune_presets())}")
+            names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
+            raise UserError(f"unknown {kind} preset '{preset}'; choose one of: {', '.join(names)}")
         layers.append(load_config_file(path))
-    layers.append(_as_dict(overrides))
-    config = resolve_sections(FinetuneConfig, layers)
+    return layers + [_as_dict(overrides)]
+
+
+def build_finetune_config(preset: str | None = None, overrides: list[str] | dict | None = None,
+                          base: dict | None = None) -> FinetuneConfig:
+    config = resolve_sections(FinetuneConfig, preset_layers("finetune", PRESET_DIR, preset, overrides, base))
     validate_finetune(config)
     return config
 

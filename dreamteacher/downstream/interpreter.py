@@ -26,7 +26,7 @@ from dreamteacher.checkpoints import save_safetensors_atomic
 from dreamteacher.config import EncodeConfig, Sections, TrainerConfig, load_config_file, merge_overrides, \
     resolve_sections, save_config
 from dreamteacher.downstream.data import SegmentationData
-from dreamteacher.downstream.finetune import Repeated, SegDataConfig
+from dreamteacher.downstream.finetune import Repeated, SegDataConfig, preset_layers
 from dreamteacher.errors import UserError
 from dreamteacher.losses import interpreter_loss
 from dreamteacher.teachers.interpreter import FeatureInterpreter
@@ -77,17 +77,7 @@ def available_interpreter_presets() -> list[str]:
 
 def build_interpreter_config(preset: str | None = None, overrides: list[str] | dict | None = None,
                              base: dict | None = None) -> InterpreterConfig:
-    from dreamteacher.config import _as_dict
-
-    layers = [base or {}]
-    if preset:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            raise UserError(f"unknown interpreter preset '{preset}'; choose one of: "
-                            f"{', '.join(available_interpreter_presets())}")
-        layers.append(load_config_file(path))
-    layers.append(_as_dict(overrides))
-    config = resolve_sections(InterpreterConfig, layers)
+    config = resolve_sections(InterpreterConfig, preset_layers("interpreter", PRESET_DIR, preset, overrides, base))
     if config.data.num_classes < 1:
         raise UserError("data.num_classes must be set (--num-classes N)")
     if config.interpreter.width < 1 or config.optim.epochs < 1 or config.optim.batch_size < 1:
