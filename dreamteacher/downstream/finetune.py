@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,8 +194,9 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
              overrides: list[str] | dict | None = None, resume: bool = False,
              progress: bool = True, decoder: str | Path | None = None, **sections: dict) -> FinetuneResult:
     """Train a segmentation head on the labeled images of `split` (all images if None), its backbone
-    initialized from an exported backbone file, or randomly when `backbone` is None / "none". With the
-    `unet` head, `decoder` (a dep/ddep run's `decoder.safetensors`) initializes the decoder too.
+    initialized from an exported backbone file, or randomly when `backbone` is None / "none". `decoder`
+    (a run's `decoder.safetensors`) initializes the decoder too: dep/ddep's with the `unet` head, dt-mix's
+    (regressor and logit head, G.4) with `upernet`.
 
     Writes `out/segmenter.safetensors` + `segmenter.json` (what `evaluate` reads), checkpoints, logs,
     the resolved config and `run.json`. Settings: `preset`, `overrides`, then section keywords such as
