@@ -99,13 +99,15 @@ def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
         _sync(device)
     teacher = (time.perf_counter() - start) / len(batches)
     teacher_model, t = job.teacher, job.teacher.t
-    with _autocast(device, precision), torch.no_grad():  # the same encodings without the early exit
-        start = time.perf_counter()
-        for batch in batches:
-            x_t = teacher_model.noise(batch["images"], t, eps=batch.get("noise"))
-            teacher_model.unet(x_t, torch.full((len(x_t),), t, device=device))
-        _sync(device)
-    teacher_full = (time.perf_counter() - start) / len(batches)
+    teacher_full = None
+    if teacher_model.mode == "stochastic":  # the same encodings without the early exit
+        with _autocast(device, precision), torch.no_grad():
+            start = time.perf_counter()
+            for batch in batches:
+                x_t = teacher_model.noise(batch["images"], t, eps=batch.get("noise"))
+                teacher_model.unet(x_t, torch.full((len(x_t),), t, device=device))
+            _sync(device)
+        teacher_full = (time.perf_counter() - start) / len(batches)
 
     optimizer = module.configure_optimizers()["optimizer"]
 
@@ -231,7 +233,8 @@ def format_speed(results: dict) -> str:
     for name in ("data", "teacher", "student"):
         lines.append(f"{name:<14}{s[name]:>9.3f}{ips[name]:>11.1f}")
     lines.append(f"{'sum of parts':<14}{s['sum_of_parts']:>9.3f}")
-    lines.append(f"(teacher without its early exit: {s['teacher_without_early_exit']:.3f} s/step)")
+    if s.get("teacher_without_early_exit") is not None:
+        lines.append(f"(teacher without its early exit: {s['teacher_without_early_exit']:.3f} s/step)")
     lines.append(f"{'whole step':<14}{s['whole']:>9.3f}{results['images_per_second']:>11.1f}")
     lines.append(f"whole / sum of parts: {results['step_over_parts']:.3f}")
     if "cache_speedup" in results:
