@@ -52,6 +52,13 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a sibling temporary file and rename it over `path`: readers see old or new, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -9,6 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
+from dreamteacher.checkpoints import write_text_atomic
+
 FRACTION_ORDER = ("1-30", "1-8", "1-4", "full")
 FRACTION_LABEL = {"1-30": "1/30", "1-8": "1/8", "1-4": "1/4", "full": "all"}
 
@@ -138,9 +140,7 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> dict[str, Path]:
     files = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
     payload = {**meta, "rows": rows, "summary": summarize(rows)}
     for key, text in (("json", json.dumps(payload, indent=2)), ("md", markdown_table(meta, rows))):
-        tmp = files[key].with_name(files[key].name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(files[key])
+        write_text_atomic(files[key], text)
     if rows:
         plot(rows, files["png"], f"{meta['recipe']}: {meta['backbone']}, {meta['image_size'][0]}x{meta['image_size'][1]}")
     return files

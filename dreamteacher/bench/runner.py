@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from dreamteacher.checkpoints import write_text_atomic
 from dreamteacher.errors import UserError
 from dreamteacher.train.engine import checkpoint_path
 
@@ -101,9 +102,7 @@ class Stage:
         self.folder.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps({"key": self.key}))
         summary = {**self.run(self.folder, resume), "key": self.key, "done": True}
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(marker)
+        write_text_atomic(marker, json.dumps(summary, indent=2))
         return summary
 
 
@@ -364,14 +363,9 @@ class Bench:
         else:
             self.log(f"[bench] evaluating {what} on {self.eval_images}")
             scores = evaluate(folder, self.eval_images, self.eval_masks).to_dict()
-            tmp = eval_path.with_name(eval_path.name + ".tmp")
-            tmp.write_text(json.dumps(scores))
-            tmp.replace(eval_path)
-        if "gflops_per_image" not in scores:  # cheap, and kept beside the scores
+        if "gflops_per_image" not in scores:  # fresh scores (or older files): cost added, written once
             scores["gflops_per_image"] = inference_gflops(folder)
-            tmp = eval_path.with_name(eval_path.name + ".tmp")
-            tmp.write_text(json.dumps(scores))
-            tmp.replace(eval_path)
+            write_text_atomic(eval_path, json.dumps(scores))
         return scores
 
 

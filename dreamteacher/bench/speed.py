@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from dreamteacher.checkpoints import write_text_atomic
 from dreamteacher.config import build_config
 from dreamteacher.errors import UserError
 
@@ -219,9 +220,7 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps(results, indent=2))
     return results
 
 
