@@ -20,5 +20,7 @@ def test_bench_speed_times_parts_whole_and_cache(tmp_path):
     assert results["cache_speedup"] == seconds["whole"] / seconds["whole_cached"]
     assert results["images_per_second"] == 4 / seconds["whole"]
     assert results["peak_memory_mb"]["whole"] > 0
+    flops = results["teacher_gflops_per_image"]
+    assert 0 < flops["early_exit"] < flops["full"]  # the early exit skips the last decoder blocks
     text = format_speed(results)
-    assert "whole / sum of parts" in text and "cache speedup" in text
+    assert "whole / sum of parts" in text and "cache speedup" in text and "GFLOPs/image" in text

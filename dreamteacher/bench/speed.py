@@ -23,6 +23,7 @@ from PIL import Image
 from dreamteacher.checkpoints import write_text_atomic
 from dreamteacher.config import build_config
 from dreamteacher.errors import UserError
+from dreamteacher.train.engine import seeded_noise
 
 
 class EpochTimer(Callback):
@@ -86,7 +87,7 @@ def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
         for _ in job.loader:
             pass
     start = time.perf_counter()
-    batches = [{key: value.to(device, non_blocking=True) for key, value in batch.items()} for batch in job.loader]
+    batches = [module.transfer_batch_to_device(batch, device, 0) for batch in job.loader]
     _sync(device)
     data = (time.perf_counter() - start) / len(batches)
 
@@ -105,11 +106,13 @@ def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
         with _autocast(device, precision), torch.no_grad():
             start = time.perf_counter()
             for batch in batches:
-                x_t = teacher_model.noise(batch["images"], t, eps=batch.get("noise"))
-                teacher_model.unet(x_t, torch.full((len(x_t),), t, device=device))
+                eps = seeded_noise(batch["noise_seed"], batch["images"]) if "noise_seed" in batch else None
+                x_t = teacher_model.noise(batch["images"], t, eps=eps)
+                teacher_model.run_unet(x_t, t)
             _sync(device)
         teacher_full = (time.perf_counter() - start) / len(batches)
 
+    flops = teacher_gflops(teacher_model, batches[0]["images"], t, device, precision)
     optimizer = module.configure_optimizers()["optimizer"]
 
     def student_step(batch, feats):
@@ -126,7 +129,26 @@ def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
         student_step(batch, feats)
     _sync(device)
     student = (time.perf_counter() - start) / len(batches)
-    return {"data": data, "teacher": teacher, "student": student}, {"teacher_without_early_exit": teacher_full}
+    return {"data": data, "teacher": teacher, "student": student}, {"teacher_without_early_exit": teacher_full}, flops
+
+
+def teacher_gflops(teacher_model, images: torch.Tensor, t: int, device: torch.device, precision: str) -> dict:
+    """Forward GFLOPs of the teacher per image (FLOPs counted as 2 x multiply-adds), with the early
+    exit and, for stochastic encodings, the whole U-Net: what the achieved TFLOP/s is judged against."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = images[:1]
+    counts = {}
+    with _autocast(device, precision), torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            teacher_model.encode(one, t)
+        counts["early_exit"] = counter.get_total_flops() / 1e9
+        if teacher_model.mode == "stochastic":
+            x_t = teacher_model.noise(one, t)
+            with FlopCounterMode(display=False) as counter:
+                teacher_model.run_unet(x_t, t)
+            counts["full"] = counter.get_total_flops() / 1e9
+    return counts
 
 
 def time_training(job, epochs: int = 2) -> float:
@@ -181,7 +203,7 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
 
         online = job("online")
         _reset_peak(torch_device)
-        parts, reference = time_parts(online, torch_device, epochs)
+        parts, reference, flops = time_parts(online, torch_device, epochs)
         parts_memory = _peak_memory_mb(torch_device)
         online = job("online-fit")
         _reset_peak(torch_device)
@@ -201,6 +223,9 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
             "step_over_parts": whole / sum(parts.values()),
             "images_per_second": batch / whole,
             "images_per_second_parts": {name: batch / seconds for name, seconds in parts.items()},
+            "teacher_gflops_per_image": flops,
+            # what the teacher's kernels sustain in the step: the images/s bound is the GPU's rate / GFLOPs
+            "teacher_tflops_per_second": flops["early_exit"] * batch / parts["teacher"] / 1e3,
             "peak_memory_mb": {"parts": parts_memory, "whole": whole_memory,
                                "kind": "allocated (GPU)" if device == "cuda" else "process RSS (CPU, peak so far)"},
         }
@@ -234,6 +259,11 @@ def format_speed(results: dict) -> str:
     lines.append(f"{'sum of parts':<14}{s['sum_of_parts']:>9.3f}")
     if s.get("teacher_without_early_exit") is not None:
         lines.append(f"(teacher without its early exit: {s['teacher_without_early_exit']:.3f} s/step)")
+    flops = results.get("teacher_gflops_per_image")
+    if flops:
+        full = f", {flops['full']:.0f} without it" if "full" in flops else ""
+        lines.append(f"teacher forward: {flops['early_exit']:.0f} GFLOPs/image with its early exit{full}; "
+                     f"{results['teacher_tflops_per_second']:.1f} TFLOP/s achieved")
     lines.append(f"{'whole step':<14}{s['whole']:>9.3f}{results['images_per_second']:>11.1f}")
     lines.append(f"whole / sum of parts: {results['step_over_parts']:.3f}")
     if "cache_speedup" in results:
