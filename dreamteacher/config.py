@@ -125,6 +125,7 @@ class TrainerConfig:
     sync_batchnorm: bool = False  # BatchNorm over the global batch in multi-GPU runs (CUDA only)
     channels_last: bool = False  # pretraining: NHWC student, teacher and images (faster convs on tensor cores)
     compile: bool = False  # pretraining: torch.compile student + regressor (the teacher's early exit breaks graphs)
+    cudnn_benchmark: bool = True  # GPU: input shapes are fixed (resize, crops), so cuDNN times its kernels once
     seed: int = 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500

@@ -56,7 +56,7 @@ def digest(*parts: Any) -> str:
 
 
 # Settings that change how fast a stage runs, not what it computes: left out of stage keys.
-EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm")}
+EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark")}
 
 
 def result_settings(config: dict, drop: dict[str, tuple[str, ...] | None] | None = None) -> dict:

@@ -29,6 +29,12 @@ class PretrainMethod(L.LightningModule):
     def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "noise_seed" in batch:  # read on the host, see engine.seeded_noise
+            return {**super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "noise_seed"},
+                                                       device, dataloader_idx), "noise_seed": batch["noise_seed"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
         for name, value in losses.items():  # averaged over processes: the loss of the global batch

@@ -18,6 +18,7 @@ from dreamteacher.config import Config
 from dreamteacher.downstream.models import Segmenter
 from dreamteacher.losses import corrupt, denoising_loss
 from dreamteacher.methods.base import PretrainMethod
+from dreamteacher.train.engine import seeded_noise
 
 DEFAULT_SIGMA = {"dep": 0.8, "ddep": 0.1}  # section 3.3
 
@@ -68,7 +69,8 @@ class DenoisingPretraining(PretrainMethod):
         return torch.full((batch,), self.sigma, device=device)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        images, eps = batch["images"], batch["noise"]
+        images = batch["images"]
+        eps = seeded_noise(batch["noise_seed"], images)
         sigma = self.sample_sigma(len(images), images.device)
         noisy = corrupt(images, eps, sigma, self.config.denoise.ddpm_scaling)
         prediction = self.model((noisy + 1) / 2)  # the Segmenter takes [0, 1] images and normalizes them

@@ -12,6 +12,7 @@ from dreamteacher.methods.base import PretrainMethod
 from dreamteacher.students.backbone import Backbone
 from dreamteacher.students.regressor import FeatureRegressor
 from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
+from dreamteacher.train.engine import seeded_noise
 
 
 def pair_levels(specs: list[FeatureSpec], num_levels: int = 4) -> list[int]:
@@ -34,6 +35,16 @@ def resize_to(feats_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if feats_bchw.shape[-2] >= size[0] and feats_bchw.shape[-1] >= size[1]:
         return F.adaptive_avg_pool2d(feats_bchw, size)
     return F.interpolate(feats_bchw, size=size, mode="bilinear", align_corners=False)
+
+
+def place_teacher(teacher: DiffusionTeacher, device: torch.device, precision: str) -> None:
+    """The frozen teacher on `device`, always NCHW (its GroupNorms are slower channels-last), and in
+    bf16 weights on a GPU when the run's precision is bf16: inference only, so nothing needs fp32
+    master weights."""
+    teacher.to(device=device)
+    if device.type == "cuda" and precision.startswith("bf16"):
+        # nn.Module.to: diffusers' own `to` warns about casting a model it did not load in that dtype
+        torch.nn.Module.to(teacher.unet, torch.bfloat16)
 
 
 class DTFeat(PretrainMethod):
@@ -61,16 +72,18 @@ class DTFeat(PretrainMethod):
         if config.trainer.compile:  # in place: parameter names (checkpoints, exports) stay the same
             self.backbone.compile()
             self.regressor.compile()
+            if teacher is not None:
+                teacher.compile_blocks()
         self.memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
 
     def on_fit_start(self) -> None:
         self.place(self.device)
 
     def place(self, device: torch.device) -> None:
-        """Student and teacher on `device`, in the configured memory format."""
+        """Student on `device` in the configured memory format; the teacher beside it, see `place_teacher`."""
         self.to(device=device, memory_format=self.memory_format)
         if self.teacher is not None:
-            self.teacher.to(device=device, memory_format=self.memory_format)
+            place_teacher(self.teacher, device, self.config.trainer.precision)
 
     def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Regressor outputs paired with the teacher's features, in the teacher's block order."""
@@ -86,13 +99,15 @@ class DTFeat(PretrainMethod):
     def teacher_features(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(images, teacher features) of a batch: images alone (encoded with fresh noise), or a dict
         of `images` with `features` (the feature cache: fp16, used in the step's precision) or with
-        `noise` (per-sample seeded, see `engine.SeededSamples`)."""
+        `noise_seed` (per-sample seeded noise, see `engine.SeededSamples`)."""
         if not isinstance(batch, dict):
             batch = {"images": batch}
-        images = batch["images"].contiguous(memory_format=self.memory_format)
+        images = batch["images"]
+        student_images = images.contiguous(memory_format=self.memory_format)
         if "features" in batch:
-            return images, [f.to(images.dtype) for f in batch["features"]]
-        return images, self.teacher.encode(images, eps=batch.get("noise"))
+            return student_images, [f.to(images.dtype) for f in batch["features"]]
+        eps = seeded_noise(batch["noise_seed"], images) if "noise_seed" in batch else None
+        return student_images, self.teacher.encode(images, eps=eps)
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         images, teacher_feats = self.teacher_features(batch)

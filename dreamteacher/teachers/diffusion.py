@@ -10,11 +10,14 @@ strides 16, 8, 4, 2 (`FeatureSpec.stride` says so for any U-Net).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from dreamteacher.errors import UserError
@@ -81,6 +84,17 @@ class DiffusionTeacher(nn.Module):
         # image sides must be divisible by this, or skip connections stop lining up
         self.size_multiple = 2 ** sum(bool(getattr(up, "upsamplers", None)) for up in unet.up_blocks)
 
+    def compile_blocks(self) -> None:
+        """torch.compile the forward of each ResNet and attention block. Compiling block by block
+        keeps the early exit (a forward hook that raises) outside the compiled graphs; the cache
+        limit is raised because every block shape is one more compiled graph of the same code."""
+        import torch._dynamo
+
+        blocks = [m for m in self.unet.modules() if isinstance(m, (ResnetBlock2D, Attention))]
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(blocks))
+        for module in blocks:
+            module.forward = torch.compile(module.forward)
+
     def check_resolution(self, height: int, width: int) -> None:
         if height % self.size_multiple or width % self.size_multiple:
             raise UserError(f"data.resolution [{height}, {width}] must be divisible by {self.size_multiple} "
@@ -96,9 +110,17 @@ class DiffusionTeacher(nn.Module):
         # filled on the device: copying a host scalar over would wait for the GPU every step
         return torch.full((batch,), int(t), device=self.alphas_cumprod.device, dtype=torch.long)
 
+    def run_unet(self, x_t: torch.Tensor, t: int):
+        """The U-Net at step t in its own dtype. A teacher cast to bf16 (`place_teacher`) runs in bf16
+        throughout: under autocast its GroupNorms would run in fp32, with a cast before and after each."""
+        dtype = self.unet.dtype
+        context = torch.autocast(x_t.device.type, enabled=False) if dtype != torch.float32 else nullcontext()
+        with context:
+            return self.unet(x_t.to(dtype), self._timesteps(t, x_t.shape[0]))
+
     def predict_eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         # learned-variance models (guided-diffusion) output [eps, v]: keep eps
-        return self.unet(x_t, self._timesteps(t, x_t.shape[0])).sample[:, : x_t.shape[1]]
+        return self.run_unet(x_t, t).sample[:, : x_t.shape[1]].to(x_t.dtype)
 
     @torch.no_grad()
     def features(self, x_t: torch.Tensor, t: int, blocks: list[int] | None = None) -> list[torch.Tensor]:
@@ -116,7 +138,7 @@ class DiffusionTeacher(nn.Module):
 
         handles = [self._block_modules[b].register_forward_hook(make_hook(b)) for b in blocks]
         try:
-            self.unet(x_t, self._timesteps(t, x_t.shape[0]))
+            self.run_unet(x_t, t)
         except _StopForward:
             pass
         finally:
