@@ -123,8 +123,8 @@ class TrainerConfig:
     strategy: str = "auto"  # "ddp" for many GPUs or CPU processes
     precision: str = "32-true"  # "bf16-mixed" on GPUs
     sync_batchnorm: bool = False  # BatchNorm over the global batch in multi-GPU runs (CUDA only)
-    channels_last: bool = False  # pretraining: NHWC student, teacher and images (faster convs on tensor cores)
-    compile: bool = False  # pretraining: torch.compile student + regressor (the teacher's early exit breaks graphs)
+    channels_last: bool = False  # pretraining: NHWC student and its images (the teacher stays NCHW: GroupNorm)
+    compile: bool = False  # pretraining: torch.compile student, regressor and the teacher block by block
     cudnn_benchmark: bool = True  # GPU: input shapes are fixed (resize, crops), so cuDNN times its kernels once
     seed: int = 0
     log_every_n_steps: int = 10
