@@ -121,6 +121,11 @@ def test_finetune_starts_from_the_pretrained_decoder(dep_run, tmp_path, monkeypa
     assert api.info(tmp_path / "seg")["finished"]["decoder_init"] == "pretrained"
     scores = ft.evaluate(tmp_path / "seg", images, masks)
     assert 0 <= scores.miou <= 100
+    # a resume without --decoder still says how the run started
+    resumed = ft.finetune(dep.files["backbone"], images, masks, tmp_path / "seg", progress=False, resume=True,
+                          overrides={"optim": {"iterations": 2}})
+    assert resumed.steps == 2 and resumed.init["decoder_init"] == "pretrained"
+    assert resumed.init["decoder_random_layers"] == result.init["decoder_random_layers"]
 
     with pytest.raises(UserError, match="needs --head unet"):
         ft.finetune(dep.files["backbone"], images, masks, tmp_path / "a", progress=False, decoder=dep.files["decoder"],

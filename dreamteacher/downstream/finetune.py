@@ -24,12 +24,13 @@ from torch.utils.data import Dataset
 from dreamteacher.config import Sections, TrainerConfig, load_config_file, merge_overrides, resolve_sections, save_config
 from dreamteacher.downstream.data import SegmentationData
 from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from dreamteacher.checkpoints import read_backbone_export
+from dreamteacher.checkpoints import read_backbone_export, write_text_atomic
 from dreamteacher.downstream.models import HEADS, Segmenter, load_segmenter, save_segmenter
 from dreamteacher.errors import UserError
 from dreamteacher.train import engine
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+INIT_FILE = "init.json"  # which parts started pretrained: written at the start, kept by resumes
 
 
 @dataclass
@@ -226,11 +227,17 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     trainer = engine.build_trainer(config.trainer, run_dir, o.iterations, o.batch_size, progress)
     loader = engine.make_loader(Repeated(train_set, o.iterations * o.batch_size), o.batch_size, trainer,
                                 d.num_workers, "optim.batch_size")
+    init_file = run_dir / INIT_FILE
+    if ckpt is not None and init_file.is_file():  # how the run started, whatever this call passed
+        init = json.loads(init_file.read_text())
     module = SegmentationTraining(config, init)
-    if weights is not None and ckpt is None:
-        module.model.load_backbone(weights, str(backbone))
-    if decoder_weights is not None and ckpt is None:
-        init["decoder_random_layers"] = module.model.load_decoder(decoder_weights, str(decoder))
+    if ckpt is None:
+        if weights is not None:
+            module.model.load_backbone(weights, str(backbone))
+        if decoder_weights is not None:
+            init["decoder_random_layers"] = module.model.load_decoder(decoder_weights, str(decoder))
+        if trainer.is_global_zero:
+            write_text_atomic(init_file, json.dumps(init, indent=2))
     trainer.fit(module, loader, ckpt_path=ckpt)
     trainer.save_checkpoint(engine.checkpoint_path(run_dir))
     loss = trainer.callback_metrics.get("train/loss")
