@@ -12,23 +12,11 @@ Needs the bench's dt-mix 1-30 run. Resumable: finished cells are skipped.
 import json
 from pathlib import Path
 
-import dreamteacher as dt
-from dreamteacher.bench.runner import load_recipe
+from cells import miou_at_1_30
 
-recipe = load_recipe("camvid-cpu")
-root = Path(recipe["data"]["root"])
 student = Path("benchmarks/results/camvid-cpu/runs/pretrain-dt-mix-1-30-seed0")
 out = Path("benchmarks/experiments/runs/dtmix-backbone-only")
-
-scores = []
-for seed in (0, 1, 2):
-    cell = out / f"1-30-seed{seed}"
-    if not (cell / "segmenter.json").is_file():
-        dt.finetune(student / "backbone.safetensors", root / "train", root / "trainannot", cell,
-                    split=root / recipe["data"]["splits"]["1-30"], preset="camvid-cpu",
-                    overrides={"optim": {"iterations": recipe["iterations"]["1-30"]}, "trainer": {"seed": seed}},
-                    resume=(cell / "checkpoints" / "last.ckpt").is_file(), progress=False)
-    scores.append(dt.evaluate(cell, root / "val", root / "valannot").miou)
+scores = miou_at_1_30(student / "backbone.safetensors", out)
 result = {"dt_mix_backbone_only_miou_1_30": scores, "mean": sum(scores) / len(scores)}
 (out / "result.json").write_text(json.dumps(result, indent=2))
 print(json.dumps(result, indent=2))

@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import dreamteacher as dt
-from dreamteacher.bench.runner import load_recipe
+from cells import miou_at_1_30, root
 
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-recipe = load_recipe("camvid-cpu")
-root = Path(recipe["data"]["root"])
 bench = Path("benchmarks/results/camvid-cpu/runs")
 out = Path(f"benchmarks/experiments/runs/student-{EPOCHS}ep")
 
@@ -25,15 +23,7 @@ if not (student / "run.json").is_file():
     dt.pretrain(root / "train", student, teacher=bench / "teacher" / "teacher", preset="camvid-cpu",
                 optim={"epochs": EPOCHS}, resume=(student / "checkpoints" / "last.ckpt").is_file(), progress=False)
 summary = json.loads((student / "run.json").read_text())
-scores = []
-for seed in (0, 1, 2):
-    cell = out / f"1-30-seed{seed}"
-    if not (cell / "segmenter.json").is_file():
-        dt.finetune(student / "backbone.safetensors", root / "train", root / "trainannot", cell,
-                    split=root / recipe["data"]["splits"]["1-30"], preset="camvid-cpu",
-                    overrides={"optim": {"iterations": recipe["iterations"]["1-30"]}, "trainer": {"seed": seed}},
-                    resume=(cell / "checkpoints" / "last.ckpt").is_file(), progress=False)
-    scores.append(dt.evaluate(cell, root / "val", root / "valannot").miou)
+scores = miou_at_1_30(student / "backbone.safetensors", out)
 result = {"student_epochs": EPOCHS, "student_seconds": summary["seconds"], "miou_1_30": scores,
           "mean": sum(scores) / len(scores)}
 (out / "result.json").write_text(json.dumps(result, indent=2))
