@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", help="comma-separated methods or method:head to run, e.g. dt-feat,scratch:upernet")
     p.add_argument("--fractions", help="comma-separated, e.g. 1-30,1-8")
     p.add_argument("--seeds", help="comma-separated, e.g. 0")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="where every stage runs (gpu: one CUDA GPU; cells are kept apart from cpu ones)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("bench-speed", help="time the parts and the whole of a pretraining step (images/s, memory)")
@@ -179,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
 
         seeds = [int(s) for s in listed(args.seeds)] if args.seeds else None
         result = bench(args.recipe, args.out, args.eval_images, args.eval_masks, args.data_root,
-                       listed(args.rows), listed(args.fractions), seeds, progress)
+                       listed(args.rows), listed(args.fractions), seeds, progress, args.device)
         print(result.files["md"].read_text())
         print(f"results: {', '.join(str(p) for p in result.files.values())}")
     elif args.command == "bench-speed":

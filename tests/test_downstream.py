@@ -248,6 +248,25 @@ def test_bench_refuses_unknown_rows_and_missing_data(scenes, tmp_path):
         bench(recipe, tmp_path / "b", data_root=tmp_path / "nowhere")
     with pytest.raises(UserError, match="unknown recipe"):
         bench("no-such-recipe", tmp_path / "b")
+    with pytest.raises(UserError, match="--device must be one of cpu, gpu"):
+        bench(recipe, tmp_path / "b", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device gpu: no CUDA GPU"):
+            bench(recipe, tmp_path / "b", device="gpu")
+
+
+def test_bench_device_moves_every_stage_without_touching_cpu_keys(scenes, tmp_path):
+    from dreamteacher.bench.runner import DEVICE_SETTINGS, Bench
+
+    images, masks = scenes
+    spec = yaml.safe_load(write_recipe(tmp_path, images, masks).read_text())
+    cpu = Bench(spec, tmp_path, images.parent, images, masks)
+    gpu = Bench(spec, tmp_path, images.parent, images, masks, device="gpu")
+    assert cpu.pretrain_config() == (None, spec["pretrain_overrides"])  # the recipe's own settings
+    preset, overrides = gpu.pretrain_config()
+    assert overrides["trainer"]["accelerator"] == "gpu" and overrides["data"]["num_workers"] == 4
+    assert overrides["data"]["resolution"] == spec["pretrain_overrides"]["data"]["resolution"]
+    assert gpu.overrides({"trainer": {"seed": 3}})["trainer"] == {"seed": 3, **DEVICE_SETTINGS["gpu"]["trainer"]}
 
 
 def test_bench_denoising_rows_start_from_the_pretrained_decoder(scenes, tmp_path):

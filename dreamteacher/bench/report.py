@@ -66,7 +66,7 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         f"seeds per fraction {meta['seeds']}.",
         f"- Machine: {meta['machine']['cpus']} CPU threads"
         + (f", {meta['machine']['cuda']}" if meta['machine'].get('cuda') else ", no GPU")
-        + f", torch {meta['machine']['torch']}.",
+        + f", torch {meta['machine']['torch']}; every stage ran on the {meta.get('device', 'cpu').upper()}.",
         "",
         "mIoU (0-100), mean ± sample std over seeds (number of seeds in brackets). `upernet` and `unet` "
         "fine-tune the whole network; `readout` trains a linear 1x1 conv on the frozen backbone. "

@@ -55,6 +55,11 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Where every stage of a bench runs (`bench --device`): cpu keeps the recipe's own settings (its
+# presets are sized for CPU); gpu moves every stage to one GPU with loader workers. Both are part of
+# the stage keys, so the two never mix cells.
+DEVICE_SETTINGS = {"cpu": {}, "gpu": {"trainer": {"accelerator": "gpu", "devices": 1}, "data": {"num_workers": 4}}}
+
 # Settings that change how fast a stage runs, not what it computes: left out of stage keys.
 EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark")}
 
@@ -114,6 +119,7 @@ class Bench:
     eval_images: Path
     eval_masks: Path
     progress: bool = True
+    device: str = "cpu"
     log: Callable[[str], None] = print
     _stages: dict[str, dict] = field(default_factory=dict)
 
@@ -128,8 +134,12 @@ class Bench:
         return path
 
     # ---------------------------------------------------------------- pretraining stages
+    def overrides(self, *layers: dict | None) -> dict:
+        """The recipe's override layers for a stage, with the bench's device settings on top."""
+        return _deep_merge(*(layer or {} for layer in layers), DEVICE_SETTINGS[self.device])
+
     def pretrain_config(self) -> tuple[str | None, dict]:
-        return self.spec.get("pretrain_preset"), self.spec.get("pretrain_overrides") or {}
+        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"))
 
     def teacher_stage(self, trained: bool, allow_run: bool) -> dict | None:
         from dreamteacher import api
@@ -191,7 +201,7 @@ class Bench:
         if teacher is None:
             return None
         preset = self.spec.get("interpreter_preset")
-        overrides = _deep_merge(self.spec.get("interpreter_overrides") or {}, {"trainer": {"seed": seed}})
+        overrides = self.overrides(self.spec.get("interpreter_overrides"), {"trainer": {"seed": seed}})
         config = build_interpreter_config(preset, overrides)
         split = self.data_root / self.spec["data"]["splits"][fraction]
         images, masks = self.path("images"), self.path("masks")
@@ -256,7 +266,7 @@ class Bench:
         from dreamteacher.config import build_config
 
         preset, overrides = self.pretrain_config()
-        overrides = _deep_merge(overrides, (self.spec.get("method_overrides") or {}).get(method) or {})
+        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(method))
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
         settings = result_settings(config, {name: None for name in ("diffusion", "teacher_train", "encode", "loss")})
@@ -292,9 +302,9 @@ class Bench:
         if isinstance(iterations, dict):
             iterations = iterations[fraction]
         preset = self.spec.get("finetune_preset")
-        overrides = _deep_merge(self.spec.get("finetune_overrides") or {}, row.get("finetune_overrides") or {},
-                                {"model": {"head": head}, "optim": {"iterations": iterations},
-                                 "trainer": {"seed": seed}})
+        overrides = self.overrides(self.spec.get("finetune_overrides"), row.get("finetune_overrides"),
+                                   {"model": {"head": head}, "optim": {"iterations": iterations},
+                                    "trainer": {"seed": seed}})
         config = build_finetune_config(preset, overrides)
         split = self.data_root / self.spec["data"]["splits"][fraction]
         images, masks = self.path("images"), self.path("masks")
@@ -448,15 +458,20 @@ class BenchResult:
 def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = None,
           eval_masks: str | Path | None = None, data_root: str | Path | None = None,
           rows: list[str] | None = None, fractions: list[str] | None = None, seeds: list[int] | None = None,
-          progress: bool = True) -> BenchResult:
+          progress: bool = True, device: str = "cpu") -> BenchResult:
     """Run (or continue) every selected cell of `recipe`; write OUT/results.{json,md,png}.
 
     `rows` selects by method (`dt-feat`) or method:head (`dt-feat:readout`). The results files always
-    cover every finished cell of the recipe, including cells from earlier invocations.
+    cover every finished cell of the recipe, including cells from earlier invocations. `device` (cpu,
+    gpu) is where every stage runs.
     """
     from dreamteacher.bench.report import write_results
 
     spec = load_recipe(recipe)
+    if device not in DEVICE_SETTINGS:
+        raise UserError(f"--device must be one of {', '.join(DEVICE_SETTINGS)}, got '{device}'")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise UserError("--device gpu: no CUDA GPU is visible to torch on this machine")
     out = Path(out)
     root = Path(data_root) if data_root else Path(spec["data"]["root"])
     if not root.is_dir():
@@ -464,7 +479,7 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
     if (eval_images is None) != (eval_masks is None):
         raise UserError("--eval-images and --eval-masks go together")
     bench_ = Bench(spec, out, root, Path(eval_images) if eval_images else root / spec["data"]["eval_images"],
-                   Path(eval_masks) if eval_masks else root / spec["data"]["eval_masks"], progress)
+                   Path(eval_masks) if eval_masks else root / spec["data"]["eval_masks"], progress, device)
     for folder in (bench_.eval_images, bench_.eval_masks):
         if not folder.is_dir():
             raise UserError(f"evaluation folder not found: {folder}")
@@ -510,8 +525,8 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
     from dreamteacher.config import build_config
     from dreamteacher.downstream.finetune import build_finetune_config
 
-    pre = build_config(spec.get("pretrain_preset"), spec.get("pretrain_overrides") or {})
-    fine = build_finetune_config(spec.get("finetune_preset"), spec.get("finetune_overrides") or {})
+    pre = build_config(*bench_.pretrain_config())
+    fine = build_finetune_config(spec.get("finetune_preset"), bench_.overrides(spec.get("finetune_overrides")))
     return {
         "recipe": spec["name"], "image_size": fine.data.resolution, "backbone": fine.model.backbone,
         "data": {"root": str(root), "unlabeled": spec["data"]["unlabeled"], "eval_images": str(bench_.eval_images),
@@ -525,6 +540,7 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
                      "batch_size": fine.optim.batch_size, "optimizer": fine.optim.name, "lr": fine.optim.lr,
                      "decoder_channels": fine.model.decoder_channels},
         "seeds": spec["seeds"],
+        "device": bench_.device,
         "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "python": platform.python_version()},
         "bench_seconds_this_invocation": round(seconds, 1),
