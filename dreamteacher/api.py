@@ -100,7 +100,8 @@ def load_teacher(teacher: str | Path, config: Config):
                                   adm_head_channels=e.adm_head_channels)
 
 
-METHODS = ("dt-feat", "dt-mix", "dep", "ddep")
+METHODS = ("dt-feat", "dt-mix", "dep", "ddep", "mocov3", "pcd")
+CONTRASTIVE = ("mocov3", "pcd")  # two augmented views per image
 
 
 def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
@@ -118,6 +119,9 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
       logit head as a UPerNet decoder and head (G.4).
     - `method="dep"`: denoising pretraining of a whole U-Net; `"ddep"`: of its decoder alone, on the
       frozen `encoder` (an exported backbone). Both also write `out/decoder.safetensors`.
+    - `method="mocov3"`: MoCo v3 on the images; also writes `out/moco_v3.pth` (the official
+      checkpoint layout), a teacher for `method="pcd"`: pixel-wise contrastive distillation from
+      `teacher` (a MoCo v3 checkpoint or mocov3 run).
 
     Settings as in `train_teacher`: `preset`, `overrides`, then section keywords such as
     `optim={"epochs": 100}`, `encode={"t": 150}` or `denoise={"sigma": 0.5}`.
@@ -137,6 +141,11 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
         result.files["backbone"] = export_backbone(result.checkpoint, job.run_dir / "backbone.safetensors")
         if method in ("dt-mix", "dep", "ddep"):  # a decoder the downstream model can start from too
             result.files["decoder"] = export_decoder(result.checkpoint, job.run_dir / "decoder.safetensors")
+        if method == "mocov3":  # the teacher PCD distills, in the layout of released MoCo v3 checkpoints
+            from dreamteacher.teachers.moco import MOCO_FILE, save_moco_v3
+
+            result.files["teacher"] = save_moco_v3(job.run_dir / MOCO_FILE, job.config.student.backbone,
+                                                   **job.module.moco_state())
         _write_summary(result, method, epochs=trainer.global_step / job.steps_per_epoch)
     return result
 
@@ -189,13 +198,26 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         model = encoder_name
     elif encoder is not None:
         raise UserError(f"--encoder is for --method ddep (the frozen encoder), not {method}")
-    if method in ("dep", "ddep") and (teacher is not None or cache is not None):
-        raise UserError(f"--teacher and --cache are for dt-feat and dt-mix; {method} learns from the images alone")
+    if method in ("dep", "ddep", "mocov3") and (teacher is not None or cache is not None):
+        raise UserError(f"--teacher and --cache are for dt-feat, dt-mix and pcd; {method} learns from the images alone")
+    if method == "pcd" and cache is not None:
+        raise UserError("--cache is for dt-feat and dt-mix (diffusion features); pcd runs its teacher online")
     extra = {"student": {"backbone": model}} if model else {}
     config = _resolve_config(run_dir, preset, merge_overrides(overrides, extra), resume)
     check_backbone_name(config.student.backbone)
-    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     distills = method in ("dt-feat", "dt-mix")
+    contrastive = method in CONTRASTIVE
+    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip and not contrastive)
+    if contrastive:
+        from dreamteacher.data.views import TwoViews
+
+        dataset = TwoViews(dataset, config.contrast.crop_scale)
+    if method == "pcd":
+        from dreamteacher.teachers.moco import load_moco_teacher
+
+        if teacher is None:
+            raise UserError("--method pcd needs --teacher: a MoCo v3 checkpoint or a `pretrain --method mocov3` run")
+        teacher_model = load_moco_teacher(teacher)
     if distills:
         if teacher is None:
             raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
@@ -207,7 +229,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
-    needs_noise = not distills or (cache is None and config.encode.mode == "stochastic")
+    needs_noise = method in ("dep", "ddep") or (distills and cache is None and config.encode.mode == "stochastic")
     dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=needs_noise)
     save_config(config, run_dir / CONFIG_FILE)
     inputs = {"teacher": teacher, "cache": cache, "encoder": encoder, "interpreter": interpreter}
@@ -231,6 +253,15 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
                            interpreter_info["num_classes"], str(teacher), str(Path(interpreter).resolve()))
         else:
             module = DTFeat(config, specs, teacher_model, teacher_path=str(teacher))
+    elif method == "mocov3":
+        from dreamteacher.methods.mocov3 import MoCoV3
+
+        teacher_model = None
+        module = MoCoV3(config)
+    elif method == "pcd":
+        from dreamteacher.methods.pcd import PCD
+
+        module = PCD(config, teacher_model, str(Path(teacher).resolve()))
     else:
         from dreamteacher.methods.denoising import DenoisingPretraining
 

@@ -51,12 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("pretrain", help="pretrain a timm backbone: distill a teacher, or denoise (dep, ddep)")
-    p.add_argument("--method", default="dt-feat", choices=["dt-feat", "dt-mix", "dep", "ddep"],
+    p = sub.add_parser("pretrain", help="pretrain a timm backbone: distill a teacher, denoise (dep, ddep) or "
+                       "contrast (mocov3, pcd)")
+    p.add_argument("--method", default="dt-feat", choices=["dt-feat", "dt-mix", "dep", "ddep", "mocov3", "pcd"],
                    help="dt-feat: DreamTeacher feature distillation (default); dt-mix: plus label distillation "
                    "from an --interpreter; dep: denoising pretraining of a U-Net; ddep: of its decoder alone "
-                   "on a frozen --encoder")
-    p.add_argument("--teacher", help="train-teacher run, diffusers DDPM/UNet2DModel folder, or ADM .pt")
+                   "on a frozen --encoder; mocov3: MoCo v3 (writes moco_v3.pth, a pcd teacher); pcd: pixel-wise "
+                   "contrastive distillation from a MoCo v3 --teacher")
+    p.add_argument("--teacher", help="train-teacher run, diffusers DDPM/UNet2DModel folder, or ADM .pt; "
+                   "for pcd a MoCo v3 checkpoint (official layout) or mocov3 run")
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--model", help="timm backbone name (same as --set student.backbone=NAME)")

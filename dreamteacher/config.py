@@ -104,11 +104,30 @@ class DenoiseConfig:
 
 
 @dataclass
+class ContrastConfig:
+    """Contrastive methods: MoCo v3 (`--method mocov3`, Chen et al. 2021) and pixel-wise contrastive
+    distillation from a MoCo v3 teacher (`--method pcd`, Huang et al.). Paper sizes by default."""
+
+    temperature: float = 0.2  # MoCo v3 ResNet-50 and PCD (section 3.2)
+    proj_hidden: int = 4096  # hidden width of the projector / predictor MLPs (and of PCD's student head)
+    proj_dim: int = 256  # output width: the space the losses contrast in
+    momentum: float = 0.99  # MoCo v3: momentum-encoder EMA, raised to 1 along a half cosine
+    queue_size: int = 65536  # PCD: pooled teacher vectors kept as negatives
+    mhsa: bool = True  # PCD: multi-head self-attention after the student's projection head
+    mhsa_heads: int = 8
+    mhsa_head_dim: int = 64
+    symmetric: bool = True  # PCD: the loss on both augmented views (False: the first view only)
+    pixelwise: bool = True  # PCD: per-pixel InfoNCE (False: the image-level variant of Table 2)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+
+
+@dataclass
 class OptimConfig:
-    name: str = "lamb"  # "adamw" or "lamb"
+    name: str = "lamb"  # "adamw", "lamb", "lars" (PCD, MoCo v3 ResNet), any timm optimizer name
     base_lr: float = 4e-3  # scaled by batch_size / 256
     weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam-family optimizers
+    momentum: float = 0.9  # SGD-family optimizers (lars, sgd)
     batch_size: int = 2048  # global batch, split over all processes
     epochs: int = 200
     warmup_epochs: int = 30
@@ -147,6 +166,7 @@ class Config(Sections):
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -292,8 +312,13 @@ def validate(config: Config) -> None:
     blocks = config.encode.blocks
     if not blocks or len(blocks) > 4 or len(set(blocks)) != len(blocks) or not all(isinstance(b, int) for b in blocks):
         raise UserError(f"encode.blocks must be 1 to 4 distinct integers, got {blocks}")
-    if config.optim.name not in ("adamw", "lamb"):
-        raise UserError(f"optim.name must be 'adamw' or 'lamb', got '{config.optim.name}'")
+    if config.optim.name not in ("adamw", "lamb", "lars", "sgd"):
+        raise UserError(f"optim.name must be 'adamw', 'lamb', 'lars' or 'sgd', got '{config.optim.name}'")
+    c = config.contrast
+    if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
+        raise UserError(f"contrast.crop_scale must be [low, high] with 0 < low <= high <= 1, got {c.crop_scale}")
+    if c.queue_size < 1 or c.temperature <= 0 or not 0 <= c.momentum <= 1:
+        raise UserError("contrast: queue_size must be >= 1, temperature > 0 and momentum in [0, 1]")
     if config.loss.mse_weight < 0 or config.loss.at_weight < 0:
         raise UserError("loss.mse_weight and loss.at_weight must be >= 0")
     if config.loss.mse_weight == 0 and config.loss.at_weight == 0:

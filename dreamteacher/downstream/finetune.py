@@ -50,6 +50,7 @@ class SegModelConfig:
     decoder_channels: int = 512  # UperNet width (MMSegmentation's default)
     # U-Net finest decoder block (blocks [16, 8, 4, 2, 1] x this); 0: the --decoder's, else 64 (paper's 1x)
     unet_width: int = 0
+    norm_rescale: float = 1.0  # x the pretrained backbone's conv weights (PCD's NormRescale: 0.25); 1 = off
 
 
 @dataclass
@@ -109,6 +110,8 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise UserError(f"data.scale_range must be [low, high] with 0 < low <= high, got {d.scale_range}")
     if m.head not in HEADS:
         raise UserError(f"model.head must be one of {', '.join(HEADS)}, got '{m.head}'")
+    if m.norm_rescale <= 0:
+        raise UserError(f"model.norm_rescale must be positive (1 = off, PCD's 0.25), got {m.norm_rescale}")
     if o.name not in ("sgd", "adamw"):
         raise UserError(f"optim.name must be 'sgd' or 'adamw', got '{o.name}'")
     if o.schedule not in ("poly", "cosine"):
@@ -233,7 +236,8 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     module = SegmentationTraining(config, init)
     if ckpt is None:
         if weights is not None:
-            module.model.load_backbone(weights, str(backbone))
+            module.model.load_backbone(weights, str(backbone), config.model.norm_rescale)
+            init["norm_rescale"] = config.model.norm_rescale
         if decoder_weights is not None:
             init["decoder_random_layers"] = module.model.load_decoder(decoder_weights, str(decoder))
         if trainer.is_global_zero:

@@ -79,8 +79,16 @@ class Segmenter(nn.Module):
             return self.net.encoder.model.model
         return self.net.backbone.features.model
 
-    def load_backbone(self, weights: dict[str, torch.Tensor], source: str) -> None:
+    def load_backbone(self, weights: dict[str, torch.Tensor], source: str, norm_rescale: float = 1.0) -> None:
+        """Pretrained backbone weights; `norm_rescale` != 1 then multiplies its conv weights (PCD
+        section 4.1, NormRescale: LARS-trained weights are large for SGD/AdamW fine-tuning schedules;
+        BatchNorm after each conv keeps the function the same)."""
         load_timm_weights(self.backbone_model(), weights, source)
+        if norm_rescale != 1.0:
+            with torch.no_grad():
+                for module in self.backbone_model().modules():
+                    if isinstance(module, nn.Conv2d):
+                        module.weight.mul_(norm_rescale)
 
     def load_decoder(self, weights: dict[str, torch.Tensor], source: str) -> list[str]:
         """A pretrained decoder (`decoder.safetensors`): a DeP/DDeP U-Net decoder, strictly; or a dt-mix

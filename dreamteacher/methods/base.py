@@ -48,8 +48,10 @@ class PretrainMethod(L.LightningModule):
     def configure_optimizers(self):
         opt = self.config.optim
         lr = opt.base_lr * opt.batch_size / 256  # linear scaling rule
-        # timm's factory: no weight decay on biases and norm weights
+        # timm's factory: no weight decay on biases and norm weights (nor LARS adaptation, MoCo v3's rule)
+        adam_family = any(name in opt.name.lower() for name in ("adam", "lamb"))
+        kwargs = {"betas": tuple(opt.betas)} if adam_family else {"momentum": opt.momentum}
         optimizer = create_optimizer_v2(self.trainable_module(), opt=opt.name, lr=lr,
-                                        weight_decay=opt.weight_decay, betas=tuple(opt.betas))
+                                        weight_decay=opt.weight_decay, **kwargs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

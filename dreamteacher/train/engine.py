@@ -171,7 +171,10 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
             sample = self.dataset[index]
-            item = {"images": sample[0], "features": sample[1]} if isinstance(sample, tuple) else {"images": sample}
+            if isinstance(sample, dict):  # several named tensors (e.g. two augmented views)
+                item = dict(sample)
+            else:
+                item = {"images": sample[0], "features": sample[1]} if isinstance(sample, tuple) else {"images": sample}
             if self.noise:  # a seed, not the tensor: the noise is drawn where it is used (`seeded_noise`)
                 item["noise_seed"] = torch.randint(2**62, ())
         return item
