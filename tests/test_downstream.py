@@ -293,6 +293,29 @@ def test_bench_denoising_rows_start_from_the_pretrained_decoder(scenes, tmp_path
     assert "| dt-feat+ddep | unet | backbone+decoder |" in table
 
 
+def test_bench_contrastive_rows_train_a_moco_teacher_then_pcd(scenes, tmp_path):
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    spec = yaml.safe_load(recipe.read_text())
+    rescaled = {"iterations": 2, "seeds": [0], "finetune_overrides": {"model": {"norm_rescale": 0.25}}}
+    spec["rows"] += [{"method": "pcd", "head": "upernet", **rescaled}, {"method": "mocov3", "head": "upernet", **rescaled}]
+    small = {"optim": {"name": "lars", "base_lr": 1.0, "epochs": 1, "warmup_epochs": 0},
+             "contrast": {"proj_hidden": 16, "proj_dim": 8, "queue_size": 8}}
+    spec["method_overrides"] = {"moco-teacher": small, "pcd": small, "mocov3": small}
+    recipe.write_text(yaml.safe_dump(spec))
+    result = bench(recipe, tmp_path / "bench", progress=False, rows=["pcd", "mocov3"], fractions=["1-30"])
+    made = {r["method"]: r for r in result.rows}
+    assert set(made["pcd"]["pretrain_stages"]) == {"moco-teacher", "pcd"}  # the teacher's time counts
+    assert set(made["mocov3"]["pretrain_stages"]) == {"mocov3"}
+    runs = tmp_path / "bench" / "runs"
+    teacher = yaml.safe_load((runs / "pretrain-pcd" / "inputs.json").read_text())["teacher"]
+    assert teacher == str((runs / "pretrain-moco-teacher").resolve())
+    init = json.loads((runs / "cells" / "pcd--upernet" / "1-30-seed0" / "init.json").read_text())
+    assert init["backbone_init"] == "pretrained" and init["norm_rescale"] == 0.25
+
+
 def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_path):
     from dreamteacher.bench.runner import bench
 

@@ -231,7 +231,7 @@ class Bench:
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
         # online feature distillation: the cache, denoising and label-distillation settings play no part
-        drop = {"denoise": None, "encode": ("cache_encodings",)}
+        drop = {"denoise": None, "contrast": None, "encode": ("cache_encodings",)}
         if interpreter is None:
             drop["loss"] = ("ld_weight", "ld_temperature")
         settings = result_settings(config, drop)
@@ -260,35 +260,43 @@ class Bench:
                 "pretrain_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
                 "pretrain_epochs": student["epochs"], "stages": stages}
 
-    def denoise_stage(self, name: str, method: str, encoder: dict | None, allow_run: bool) -> dict | None:
-        """DeP (`encoder` None) or DDeP on `encoder`'s backbone: a backbone and a U-Net decoder."""
+    def own_stage(self, name: str, method: str, upstream: dict | None, allow_run: bool,
+                  overrides_name: str | None = None) -> dict | None:
+        """A method that needs no diffusion teacher: DeP, DDeP on `upstream`'s backbone (the frozen
+        encoder), MoCo v3, or PCD from `upstream`'s MoCo v3 run (the teacher). Its settings are the
+        pretraining preset with the recipe's `method_overrides[overrides_name or method]`. Returns
+        {backbone, decoder, teacher, key, pretrain_seconds (upstream's included), ...}."""
         from dreamteacher import api
         from dreamteacher.config import build_config
 
+        if upstream is None and method in ("ddep", "pcd"):
+            return None
         preset, overrides = self.pretrain_config()
-        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(method))
+        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(overrides_name or method))
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
-        settings = result_settings(config, {name: None for name in ("diffusion", "teacher_train", "encode", "loss")})
-        key = digest(name, method, encoder["key"] if encoder else None, settings, folder_fingerprint(unlabeled))
+        unused = ("diffusion", "teacher_train", "encode", "loss", "denoise" if method in ("mocov3", "pcd") else "contrast")
+        settings = result_settings(config, {section: None for section in unused})
+        key = digest(name, method, upstream["key"] if upstream else None, settings, folder_fingerprint(unlabeled))
+        inputs = {"encoder": upstream["backbone"]} if method == "ddep" else \
+            {"teacher": upstream["run"]} if method == "pcd" else {}
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] pretraining '{name}' in {folder}")
-            result = api.pretrain(unlabeled, folder, method=method, encoder=encoder["backbone"] if encoder else None,
-                                  preset=preset, overrides=overrides, resume=resume, progress=self.progress)
+            result = api.pretrain(unlabeled, folder, method=method, preset=preset, overrides=overrides, resume=resume,
+                                  progress=self.progress, **inputs)
             summary = api.read_summary(folder) or {}
-            return {"backbone": str(result.files["backbone"]), "decoder": str(result.files["decoder"]),
+            return {"run": str(folder), **{part: str(path) for part, path in result.files.items()},
                     "seconds": result.seconds, "steps": result.steps, "epochs": summary.get("epochs")}
 
-        if encoder is None and method == "ddep":
-            return None
         trained = Stage(self.runs / f"pretrain-{name}", key, run).result(allow_run)
         if trained is None:
             return None
-        stages = dict(encoder["stages"]) if encoder else {}
-        stages[method] = {k: trained[k] for k in ("seconds", "steps", "epochs")}
-        return {"backbone": trained["backbone"], "decoder": trained["decoder"], "key": trained["key"],
-                "pretrain_seconds": round((encoder["pretrain_seconds"] if encoder else 0) + trained["seconds"], 1),
+        stages = dict(upstream["stages"]) if upstream else {}
+        stages[overrides_name or method] = {k: trained[k] for k in ("seconds", "steps", "epochs")}
+        return {"run": trained.get("run", str(self.runs / f"pretrain-{name}")), "backbone": trained["backbone"],
+                "decoder": trained.get("decoder"), "key": trained["key"],
+                "pretrain_seconds": round((upstream["pretrain_seconds"] if upstream else 0) + trained["seconds"], 1),
                 "pretrain_epochs": trained["epochs"], "stages": stages}
 
     # ---------------------------------------------------------------- fine-tuning cells
@@ -404,12 +412,24 @@ def _dt_feat_untrained(bench: Bench, allow_run: bool) -> dict | None:
 
 
 def _dep(bench: Bench, allow_run: bool) -> dict | None:
-    return bench.denoise_stage("dep", "dep", None, allow_run)
+    return bench.own_stage("dep", "dep", None, allow_run)
 
 
 def _dt_feat_ddep(bench: Bench, allow_run: bool) -> dict | None:
     """DreamTeacher encoder (frozen) + a DDeP-pretrained U-Net decoder on it."""
-    return bench.denoise_stage("dt-feat+ddep", "ddep", bench.backbone_stage("dt-feat", allow_run), allow_run)
+    return bench.own_stage("dt-feat+ddep", "ddep", bench.backbone_stage("dt-feat", allow_run), allow_run)
+
+
+def _mocov3(bench: Bench, allow_run: bool) -> dict | None:
+    """MoCo v3 directly on the student architecture: the contrastive baseline."""
+    return bench.own_stage("mocov3", "mocov3", None, allow_run)
+
+
+def _pcd(bench: Bench, allow_run: bool) -> dict | None:
+    """A MoCo v3 teacher (`method_overrides.moco-teacher`: ResNet-50) on the same images, distilled
+    into the student by PCD; the row's pretraining wall-clock is both stages'."""
+    teacher = bench.own_stage("moco-teacher", "mocov3", None, allow_run, overrides_name="moco-teacher")
+    return bench.own_stage("pcd", "pcd", teacher, allow_run)
 
 
 def _dt_mix(bench: Bench, fraction: str, allow_run: bool) -> dict | None:
@@ -425,7 +445,8 @@ LABEL_GUIDED: dict[str, Callable[[Bench, str, bool], dict | None]] = {"dt-mix": 
 
 # method name (as used across the project's tables) -> how its backbone (and decoder) is pretrained
 PRETRAINERS: dict[str, Callable[[Bench, bool], dict | None]] = {
-    "dt-feat": _dt_feat, "dt-feat-untrained": _dt_feat_untrained, "dep": _dep, "dt-feat+ddep": _dt_feat_ddep}
+    "dt-feat": _dt_feat, "dt-feat-untrained": _dt_feat_untrained, "dep": _dep, "dt-feat+ddep": _dt_feat_ddep,
+    "mocov3": _mocov3, "pcd": _pcd}
 
 
 def _deep_merge(*layers: dict) -> dict:
