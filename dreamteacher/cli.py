@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from dreamteacher.errors import UserError
 
@@ -123,11 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a run folder, checkpoint or export holds")
     p.add_argument("path")
 
-    p = sub.add_parser("report", help="HTML report: teacher samples, teacher and student feature maps")
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", help="pretrain run folder")
-    p.add_argument("--data", required=True, help="folder of images to show")
-    p.add_argument("--out", required=True, help="report .html path")
+    for name, what, out in (("report", "one self-contained HTML file", "report .html path"),
+                            ("viz", "a folder of PNGs and its index.html", "folder to write")):
+        p = sub.add_parser(name, help=f"what a teacher learned, as {what}: samples, activation maps per block "
+                           "and t, k-means maps of its features; with --student, the student's features")
+        p.add_argument("--teacher", required=True, help="train-teacher run, diffusers folder or ADM .pt")
+        p.add_argument("--student", help="pretrain run folder (dt-feat)")
+        p.add_argument("--data", required=True, help="folder of images to show")
+        p.add_argument("--out", required=True, help=out)
+        p.add_argument("--num-images", type=int, default=4, help="images to show (default 4)")
     return parser
 
 
@@ -201,10 +206,13 @@ def run(args: argparse.Namespace) -> None:
         from dreamteacher.describe import describe
 
         print(yaml.safe_dump(describe(args.path), sort_keys=False, default_flow_style=None, width=110).rstrip())
-    elif args.command == "report":
+    elif args.command in ("report", "viz"):
         from dreamteacher.viz.report import write_report
 
-        print(f"report: {write_report(args.teacher, args.data, args.out, student_run=args.student)}")
+        out = Path(args.out) / "index.html" if args.command == "viz" else args.out
+        page = write_report(args.teacher, args.data, out, student_run=args.student, num_images=args.num_images,
+                            png_folder=args.command == "viz")
+        print(f"{args.command}: {page}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,13 @@ run resumes; bad input is one line (many processes: test_distributed.py)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -155,6 +157,34 @@ def test_report_shows_teacher_and_student(trained):
     page = out.read_text()
     assert page.count("data:image/png;base64") > 20
     assert "Teacher feature activation maps" in page and "Student after distillation" in page
+
+
+def test_viz_writes_pngs_and_a_page_that_shows_them(trained):
+    from PIL import Image
+
+    out = trained / "viz"
+    assert main(["viz", "--teacher", str(trained / "teacher"), "--data", str(trained / "images"),
+                 "--out", str(out), "--num-images", "2"]) == 0
+    page = (out / "index.html").read_text()
+    linked = re.findall(r'<img src="([^"]+)"', page)
+    assert len(linked) > 10 and all((out / name).is_file() for name in linked)
+    assert "k-means (k=10)" in page and any("kmeans-image1-block" in name for name in linked)
+    kmeans_map = np.asarray(Image.open(out / next(n for n in linked if "kmeans-image0-block" in n)))
+    assert len(np.unique(kmeans_map.reshape(-1, 3), axis=0)) > 1  # more than one cluster on a real image
+
+
+def test_kmeans_maps_give_one_color_per_cluster_in_every_image():
+    from dreamteacher.viz.images import PALETTE, kmeans_maps
+
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 6, 6) * 0.05
+    feats[:, 0, :, :3] += 3.0  # left half of both images: one kind of feature, right half another
+    feats[:, 1, :, 3:] += 3.0
+    colors, labels = kmeans_maps(feats, size=(12, 12), k=2)
+    assert colors.shape == (2, 12, 12, 3)
+    left, right = labels[0, 0, 0], labels[0, 0, 5]
+    assert left != right and (labels[:, :, :3] == left).all() and (labels[:, :, 3:] == right).all()
+    assert (colors[1, 0, 0] == PALETTE[left]).all()  # the same cluster has the same color in image 1
 
 
 def test_rerun_without_resume_refuses_to_overwrite(trained, capsys):

@@ -1,4 +1,4 @@
-"""Turning tensors into pictures: grids, heatmaps of feature activation, PCA colorings."""
+"""Turning tensors into pictures: grids, heatmaps of feature activation, PCA colorings, k-means maps."""
 
 from __future__ import annotations
 
@@ -88,3 +88,45 @@ def pca_colors(feats_bchw: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor
     rgb = (proj / scale).clamp(-1, 1).add(1).mul(127.5).permute(0, 3, 1, 2)
     rgb = F.interpolate(rgb, size=size, mode="nearest")
     return rgb.round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ten well-separated colors (Tableau 10), one per k-means cluster
+PALETTE = np.array([[78, 121, 167], [242, 142, 43], [225, 87, 89], [118, 183, 178], [89, 161, 79],
+                    [237, 201, 72], [176, 122, 161], [255, 157, 167], [156, 117, 95], [186, 176, 172]], np.uint8)
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int = 50, seed: int = 0) -> torch.Tensor:
+    """Centers of `k` clusters of the rows of `points` (N, D): k-means++ seeding, then Lloyd steps."""
+    gen = torch.Generator().manual_seed(seed)
+    points = points.float()
+    centers = points[torch.randint(len(points), (1,), generator=gen)]
+    while len(centers) < k:  # k-means++: next center drawn in proportion to the squared distance
+        dist = torch.cdist(points, centers).min(dim=1).values.pow(2)
+        if dist.sum() <= 0:
+            break
+        centers = torch.cat([centers, points[torch.multinomial(dist / dist.sum(), 1, generator=gen)]])
+    for _ in range(iterations):
+        labels = torch.cdist(points, centers).argmin(dim=1)
+        moved = torch.stack([points[labels == c].mean(dim=0) if (labels == c).any() else centers[c]
+                             for c in range(len(centers))])
+        if torch.allclose(moved, centers):
+            break
+        centers = moved
+    return centers
+
+
+def kmeans_maps(feats_bchw: torch.Tensor, size: tuple[int, int], k: int = 10, seed: int = 0,
+                max_points: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster every pixel's feature vector (channels standardized, l2-normalized) with one k-means
+    over all images, so a color means the same cluster in every image (paper Fig. 5).
+    Returns ((B, H, W, 3) uint8 colored maps at `size`, (B, h, w) cluster ids)."""
+    x = feats_bchw.detach().float()
+    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    pixels = F.normalize(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), dim=1)
+    sample = pixels
+    if len(pixels) > max_points:  # fit on a seeded subset, assign every pixel
+        sample = pixels[torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))[:max_points]]
+    centers = kmeans(sample, min(k, len(sample)), seed=seed)
+    labels = torch.cdist(pixels, centers).argmin(dim=1).view(x.shape[0], x.shape[2], x.shape[3])
+    upsampled = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return PALETTE[upsampled.numpy() % len(PALETTE)], labels.numpy()
