@@ -211,7 +211,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     if contrastive:
         from dreamteacher.data.views import TwoViews
 
-        dataset = TwoViews(dataset, config.contrast.crop_scale)
+        dataset = TwoViews(dataset, config.contrast.crop_scale, hflip=config.data.hflip)
     if method == "pcd":
         from dreamteacher.teachers.moco import load_moco_teacher
 

@@ -97,6 +97,21 @@ def test_negative_queue_writes_in_order_and_overwrites_the_oldest_first():
     assert sorted(queue.vectors[:, 0].tolist()) == [104.0, 106.0, 108.0, 110.0, 112.0]
 
 
+def test_two_views_differ_and_are_reproducible_per_sample(tmp_path):
+    from dreamteacher.data.images import ImageFolder
+    from dreamteacher.data.views import TwoViews
+    from dreamteacher.train.engine import SeededSamples
+
+    images = ImageFolder(write_images(tmp_path / "img", count=2, size=(40, 48)), [32, 32], hflip=False)
+    samples = SeededSamples(TwoViews(images, [0.3, 1.0]), seed=0, noise=False)
+    first, again, next_epoch = samples[(1, 0)], samples[(1, 0)], samples[(1, 1)]
+    assert set(first) == {"images", "views2"} and first["images"].shape == (3, 32, 32)
+    assert first["images"].min() >= -1 and first["images"].max() <= 1
+    assert not torch.equal(first["images"], first["views2"])
+    assert all(torch.equal(first[k], again[k]) for k in first)  # same (index, epoch): same views
+    assert not torch.equal(first["images"], next_epoch["images"])
+
+
 def official_checkpoint(path, arch: str = "resnet18", hidden: int = 64, out: int = 16):
     """A MoCo v3 ResNet checkpoint in the released layout: torchvision ResNets for both branches, the
     projector as their `fc`, a predictor, DataParallel's `module.` prefix, optimizer state beside."""
