@@ -260,5 +260,12 @@ def load_unet_and_scheduler(path: str | Path, adm_head_channels: int = 64) -> tu
 
 def load_diffusion_teacher(path: str | Path, blocks: list[int], t: int, mode: str = "stochastic",
                            ddim_steps: int = 10, adm_head_channels: int = 64) -> DiffusionTeacher:
+    """Any teacher `load_unet_and_scheduler` reads, or a Stable Diffusion pipeline folder (latent)."""
+    from dreamteacher.teachers.latent import is_stable_diffusion_folder, load_stable_diffusion_teacher
+
+    if Path(path).is_dir() and is_stable_diffusion_folder(Path(path)):
+        if mode != "stochastic":
+            raise UserError(f"encode.mode={mode}: the Stable Diffusion teacher {path} encodes stochastically only")
+        return load_stable_diffusion_teacher(path, blocks=blocks, t=t)
     unet, scheduler = load_unet_and_scheduler(path, adm_head_channels)
     return DiffusionTeacher(unet, scheduler, blocks=blocks, t=t, mode=mode, ddim_steps=ddim_steps)
