@@ -47,15 +47,18 @@ def _final_loss(trainer) -> float | None:
 
 def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
                   overrides: list[str] | dict | None = None, resume: bool = False,
-                  progress: bool = True, **sections: dict) -> RunResult:
-    """Train a DDPM teacher on an unlabeled image folder; writes `out/teacher/` (a diffusers
-    DDPMPipeline of the EMA weights), checkpoints, logs and the resolved config.
+                  progress: bool = True, kind: str = "ddpm", **sections: dict) -> RunResult:
+    """Train a teacher on an unlabeled image folder; writes `out/teacher/`, checkpoints, logs and the
+    resolved config. `kind="ddpm"`: a diffusers DDPMPipeline of the EMA weights; `kind="stylegan2"`:
+    the EMA generator (`generator.safetensors` + `stylegan2.json`, settings in the `gan` section).
 
     Settings: `preset`, then `overrides` (["teacher_train.max_steps=500"] or a nested dict), then
     section keywords, e.g. `teacher_train={"max_steps": 500}`.
     """
     from dreamteacher.teachers.training import TeacherTraining
 
+    if kind not in ("ddpm", "stylegan2"):
+        raise UserError(f"unknown teacher kind '{kind}'; choose ddpm or stylegan2")
     overrides = merge_overrides(overrides, sections)
     run_dir = engine.check_run_dir(out)
     config = _resolve_config(run_dir, preset, overrides, resume)
@@ -64,16 +67,32 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     save_config(config, run_dir / CONFIG_FILE)
     engine.seed_everything(config.trainer.seed)
     tt = config.teacher_train
-    trainer = engine.build_trainer(config.trainer, run_dir, tt.max_steps, tt.batch_size, progress)
+    gan = kind == "stylegan2"
+    # a GAN iteration steps two optimizers, and Lightning counts optimizer steps
+    optimizer_steps = tt.max_steps * (2 if gan else 1)
+    trainer = engine.build_trainer(config.trainer, run_dir, optimizer_steps, tt.batch_size, progress)
     loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size")
-    module = TeacherTraining(config)
-    trainer.fit(module, loader, ckpt_path=ckpt)
+    if gan:
+        from dreamteacher.teachers.stylegan2 import GanTraining, level_sizes
+
+        level_sizes(config.data.resolution, len(config.gan.channels))  # a clear error before any work
+        module = GanTraining(config)
+    else:
+        module = TeacherTraining(config)
+    with warnings.catch_warnings():  # the GAN checkpoints hold the state after its steps, as intended
+        warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization.*")
+        trainer.fit(module, loader, ckpt_path=ckpt)
     trainer.save_checkpoint(engine.checkpoint_path(run_dir))
-    result = RunResult(run_dir, engine.checkpoint_path(run_dir), trainer.global_step,
+    steps = trainer.global_step // (2 if gan else 1)
+    result = RunResult(run_dir, engine.checkpoint_path(run_dir), steps,
                        engine.training_seconds(trainer), _final_loss(trainer), {"teacher": run_dir / "teacher"})
     if trainer.is_global_zero:
-        module.save_pipeline(run_dir / "teacher")
-        _write_summary(result, "train-teacher", epochs=trainer.global_step * tt.batch_size / len(dataset))
+        if gan:
+            module.save_generator(run_dir / "teacher")
+        else:
+            module.save_pipeline(run_dir / "teacher")
+        _write_summary(result, f"train-teacher-{kind}" if gan else "train-teacher",
+                       epochs=steps * tt.batch_size / len(dataset))
     return result
 
 
@@ -93,9 +112,14 @@ def untrained_teacher(out: str | Path, preset: str | None = None,
 
 
 def load_teacher(teacher: str | Path, config: Config):
+    """A pretraining teacher: a GAN (StyleGAN2 generator folder or run) or any diffusion teacher."""
     from dreamteacher.teachers.diffusion import load_diffusion_teacher
+    from dreamteacher.teachers.stylegan2 import GanTeacher, gan_folder, load_generator
 
     e = config.encode
+    folder = gan_folder(teacher) if Path(teacher).is_dir() else None
+    if folder is not None:
+        return GanTeacher(load_generator(folder), e.blocks)
     return load_diffusion_teacher(teacher, blocks=e.blocks, t=e.t, mode=e.mode, ddim_steps=e.ddim_steps,
                                   adm_head_channels=e.adm_head_channels)
 
@@ -223,13 +247,22 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
             raise UserError("--teacher is required: a train-teacher run, a diffusers folder or an ADM .pt file")
         teacher_model = load_teacher(teacher, config)
         teacher_model.check_resolution(*config.data.resolution)
+    synthesized = distills and not hasattr(teacher_model, "encode")  # a GAN renders what the student sees
+    if synthesized:
+        if cache is not None or method == "dt-mix":
+            raise UserError(f"--teacher {teacher} is a GAN: its dataset is synthesized online (no --cache), "
+                            "and dt-mix's interpreter reads diffusion features: use --method dt-feat")
+        from dreamteacher.data.images import SynthesizedSeeds
+
+        dataset = SynthesizedSeeds(len(dataset))  # --data's image count sets the epoch length
     if interpreter_info is not None:
         _check_interpreter(interpreter, interpreter_info, teacher, config)
     ckpt = engine.prepare_run_dir(run_dir, resume)  # before a cache build: a refused run costs nothing
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
-    needs_noise = method in ("dep", "ddep") or (distills and cache is None and config.encode.mode == "stochastic")
+    needs_noise = method in ("dep", "ddep") or synthesized or (
+        distills and cache is None and config.encode.mode == "stochastic")
     dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=needs_noise)
     save_config(config, run_dir / CONFIG_FILE)
     inputs = {"teacher": teacher, "cache": cache, "encoder": encoder, "interpreter": interpreter}

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Pretrain image backbones for dense prediction by distilling generative models."))
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-teacher", help="train a DDPM teacher on an unlabeled image folder")
+    p = sub.add_parser("train-teacher", help="train a DDPM (or StyleGAN2) teacher on an unlabeled image folder")
+    p.add_argument("--kind", default="ddpm", choices=["ddpm", "stylegan2"],
+                   help="ddpm: a diffusion U-Net (default); stylegan2: a GAN whose samples form a synthesized dataset")
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
     _add_config_args(p)
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from an --interpreter; dep: denoising pretraining of a U-Net; ddep: of its decoder alone "
                    "on a frozen --encoder; mocov3: MoCo v3 (writes moco_v3.pth, a pcd teacher); pcd: pixel-wise "
                    "contrastive distillation from a MoCo v3 --teacher")
-    p.add_argument("--teacher", help="train-teacher run, diffusers DDPM/UNet2DModel folder, or ADM .pt; "
+    p.add_argument("--teacher", help="train-teacher run (DDPM or StyleGAN2), diffusers DDPM/UNet2DModel or Stable "
+                   "Diffusion folder, or ADM .pt; "
                    "for pcd a MoCo v3 checkpoint (official layout) or mocov3 run")
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
@@ -141,7 +144,8 @@ def run(args: argparse.Namespace) -> None:
 
     progress = not getattr(args, "no_progress", False)
     if args.command == "train-teacher":
-        result = api.train_teacher(args.data, args.out, args.preset, args.overrides, args.resume, progress)
+        result = api.train_teacher(args.data, args.out, args.preset, args.overrides, args.resume, progress,
+                                   kind=args.kind)
         print(f"teacher: {result.files['teacher']} ({result.steps} steps, {result.seconds:.0f} s)")
     elif args.command == "sample":
         print(f"samples: {api.sample(args.run, args.out, args.num, args.steps, args.seed)}")

@@ -104,6 +104,20 @@ class DenoiseConfig:
 
 
 @dataclass
+class GanConfig:
+    """The StyleGAN2 teacher (`train-teacher --kind stylegan2`, teachers/stylegan2.py). Levels run from
+    the coarsest (the learned constant) to the full resolution, one per doubling."""
+
+    z_dim: int = 256
+    w_dim: int = 256
+    mapping_layers: int = 4
+    channels: list[int] = field(default_factory=lambda: [256, 256, 256, 128, 64, 32])  # per level, coarse first
+    lr: float = 0.002
+    r1_gamma: float = 1.0  # R1 weight on reals
+    r1_every: int = 16  # lazy regularization interval (iterations)
+
+
+@dataclass
 class ContrastConfig:
     """Contrastive methods: MoCo v3 (`--method mocov3`, Chen et al. 2021) and pixel-wise contrastive
     distillation from a MoCo v3 teacher (`--method pcd`, Huang et al.). Paper sizes by default."""
@@ -167,6 +181,7 @@ class Config(Sections):
     loss: LossConfig = field(default_factory=LossConfig)
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

@@ -119,3 +119,17 @@ class ImageFolder(Dataset):
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image
+
+
+class SynthesizedSeeds(Dataset):
+    """An epoch of `length` samples for a teacher that renders its own images (a GAN): each item is
+    empty; `engine.SeededSamples` gives it the seed the teacher draws z and the flip from."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return {}

@@ -12,7 +12,6 @@ from dreamteacher.methods.base import PretrainMethod
 from dreamteacher.students.backbone import Backbone
 from dreamteacher.students.regressor import FeatureRegressor
 from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
-from dreamteacher.train.engine import seeded_noise
 
 
 def pair_levels(specs: list[FeatureSpec], num_levels: int = 4) -> list[int]:
@@ -42,7 +41,7 @@ def place_teacher(teacher: DiffusionTeacher, device: torch.device, precision: st
     bf16 weights on a GPU when the run's precision is bf16: inference only, so nothing needs fp32
     master weights."""
     teacher.to(device=device)
-    if device.type == "cuda" and precision.startswith("bf16"):
+    if device.type == "cuda" and precision.startswith("bf16") and hasattr(teacher, "unet"):
         # nn.Module.to: diffusers' own `to` warns about casting a model it did not load in that dtype
         torch.nn.Module.to(teacher.unet, torch.bfloat16)
 
@@ -97,17 +96,16 @@ class DTFeat(PretrainMethod):
         return fused[self.regressor.finest], [outputs[level] for level in self.levels]
 
     def teacher_features(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(images, teacher features) of a batch: images alone (encoded with fresh noise), or a dict
-        of `images` with `features` (the feature cache: fp16, used in the step's precision) or with
-        `noise_seed` (per-sample seeded noise, see `engine.SeededSamples`)."""
+        """(images the student sees, teacher features) of a batch: from the feature cache (`features`:
+        fp16, used in the step's precision), else from the teacher's `student_batch` (a diffusion
+        teacher encodes the batch's images; a GAN teacher renders images from the batch's seeds)."""
         if not isinstance(batch, dict):
             batch = {"images": batch}
-        images = batch["images"]
-        student_images = images.contiguous(memory_format=self.memory_format)
         if "features" in batch:
-            return student_images, [f.to(images.dtype) for f in batch["features"]]
-        eps = seeded_noise(batch["noise_seed"], images) if "noise_seed" in batch else None
-        return student_images, self.teacher.encode(images, eps=eps)
+            images = batch["images"]
+            return images.contiguous(memory_format=self.memory_format), [f.to(images.dtype) for f in batch["features"]]
+        images, features = self.teacher.student_batch(batch)
+        return images.contiguous(memory_format=self.memory_format), features
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         images, teacher_feats = self.teacher_features(batch)

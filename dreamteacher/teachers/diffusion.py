@@ -201,6 +201,16 @@ class DiffusionTeacher(nn.Module):
             raise UserError(f"encode.mode must be 'stochastic' or 'ddim', got '{mode}'")
         return self.features(x_t, t)
 
+    def student_batch(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher interface of pretraining: a batch -> (the images the student sees, the teacher's
+        features at `feature_specs`). Here the batch's real images, encoded with each sample's seeded
+        noise (`engine.SeededSamples`) or fresh noise."""
+        from dreamteacher.train.engine import seeded_noise
+
+        images = batch["images"]
+        eps = seeded_noise(batch["noise_seed"], images) if "noise_seed" in batch else None
+        return images, self.encode(images, eps=eps)
+
     @torch.no_grad()
     def sample(self, num: int, height: int, width: int, steps: int = 50,
                generator: torch.Generator | None = None) -> torch.Tensor:
