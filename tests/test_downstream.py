@@ -316,6 +316,25 @@ def test_bench_contrastive_rows_train_a_moco_teacher_then_pcd(scenes, tmp_path):
     assert init["backbone_init"] == "pretrained" and init["norm_rescale"] == 0.25
 
 
+def test_bench_gan_row_trains_a_stylegan2_then_distills_its_samples(scenes, tmp_path):
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["rows"] += [{"method": "dt-feat-gan", "head": "upernet", "iterations": 2, "seeds": [0]}]
+    spec["method_overrides"] = {
+        "gan-teacher": {"teacher_train": {"max_steps": 2}, "gan": {"channels": [16, 16, 8], "z_dim": 8, "w_dim": 8,
+                                                                    "mapping_layers": 1}},
+        "dt-feat-gan": {"encode": {"blocks": [0, 1, 2]}}}
+    recipe.write_text(yaml.safe_dump(spec))
+    result = bench(recipe, tmp_path / "bench", progress=False, rows=["dt-feat-gan"], fractions=["1-30"])
+    row = result.rows[0]
+    assert row["method"] == "dt-feat-gan" and row["initialized"] == "backbone"
+    assert row["pretrain_stages"]["teacher"]["steps"] == 2  # GAN iterations, the teacher's time counted
+    assert (tmp_path / "bench" / "runs" / "teacher-stylegan2" / "teacher" / "stylegan2.json").is_file()
+
+
 def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_path):
     from dreamteacher.bench.runner import bench
 

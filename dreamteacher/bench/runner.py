@@ -173,6 +173,33 @@ class Bench:
             self._stages[name] = result
         return result
 
+    def gan_teacher_stage(self, allow_run: bool) -> dict | None:
+        """A StyleGAN2 trained on the unlabeled images (`method_overrides.gan-teacher` on the preset)."""
+        from dreamteacher import api
+        from dreamteacher.config import build_config
+
+        if "teacher-stylegan2" in self._stages:
+            return self._stages["teacher-stylegan2"]
+        preset, overrides = self.pretrain_config()
+        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get("gan-teacher"))
+        config = build_config(preset, overrides).to_dict()
+        unlabeled = self.path("unlabeled")
+        key = digest("teacher-stylegan2", config["data"], config["gan"], config["teacher_train"],
+                     config["trainer"]["seed"], folder_fingerprint(unlabeled))
+
+        def run(folder: Path, resume: bool) -> dict:
+            self.log(f"[bench] training the StyleGAN2 teacher in {folder}")
+            result = api.train_teacher(unlabeled, folder, preset, overrides, resume=resume, progress=self.progress,
+                                       kind="stylegan2")
+            summary = api.read_summary(folder) or {}
+            return {"teacher": str(folder / "teacher"), "seconds": result.seconds, "steps": result.steps,
+                    "epochs": summary.get("epochs")}
+
+        result = Stage(self.runs / "teacher-stylegan2", key, run).result(allow_run)
+        if result is not None:
+            self._stages["teacher-stylegan2"] = result
+        return result
+
     def backbone_stage(self, method: str, allow_run: bool = True, fraction: str | None = None) -> dict | None:
         """{backbone, key, pretrain_seconds, pretrain_epochs, stages} of a row's method; SCRATCH for
         `scratch`; None when not computed and `allow_run` is off. Label-guided methods (dt-mix) have
@@ -228,10 +255,12 @@ class Bench:
         from dreamteacher.config import build_config
 
         preset, overrides = self.pretrain_config()
+        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(method))
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
-        # online feature distillation: the cache, denoising and label-distillation settings play no part
-        drop = {"denoise": None, "contrast": None, "encode": ("cache_encodings",)}
+        # online feature distillation: the cache, denoising, contrastive and label-distillation settings
+        # play no part, nor the teacher's own (its key covers them)
+        drop = {"denoise": None, "contrast": None, "gan": None, "encode": ("cache_encodings",)}
         if interpreter is None:
             drop["loss"] = ("ld_weight", "ld_temperature")
         settings = result_settings(config, drop)
@@ -275,7 +304,8 @@ class Bench:
         overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(overrides_name or method))
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
-        unused = ("diffusion", "teacher_train", "encode", "loss", "denoise" if method in ("mocov3", "pcd") else "contrast")
+        unused = ("diffusion", "teacher_train", "encode", "loss", "gan",
+                  "denoise" if method in ("mocov3", "pcd") else "contrast")
         settings = result_settings(config, {section: None for section in unused})
         key = digest(name, method, upstream["key"] if upstream else None, settings, folder_fingerprint(unlabeled))
         inputs = {"encoder": upstream["backbone"]} if method == "ddep" else \
@@ -407,6 +437,11 @@ def _dt_feat(bench: Bench, allow_run: bool) -> dict | None:
     return bench.distill_stage("dt-feat", bench.teacher_stage(True, allow_run), allow_run)
 
 
+def _dt_feat_gan(bench: Bench, allow_run: bool) -> dict | None:
+    """Feature distillation from a StyleGAN2 trained on the same images, on its synthesized dataset."""
+    return bench.distill_stage("dt-feat-gan", bench.gan_teacher_stage(allow_run), allow_run)
+
+
 def _dt_feat_untrained(bench: Bench, allow_run: bool) -> dict | None:
     return bench.distill_stage("dt-feat-untrained", bench.teacher_stage(False, allow_run), allow_run)
 
@@ -446,7 +481,7 @@ LABEL_GUIDED: dict[str, Callable[[Bench, str, bool], dict | None]] = {"dt-mix": 
 # method name (as used across the project's tables) -> how its backbone (and decoder) is pretrained
 PRETRAINERS: dict[str, Callable[[Bench, bool], dict | None]] = {
     "dt-feat": _dt_feat, "dt-feat-untrained": _dt_feat_untrained, "dep": _dep, "dt-feat+ddep": _dt_feat_ddep,
-    "mocov3": _mocov3, "pcd": _pcd}
+    "mocov3": _mocov3, "pcd": _pcd, "dt-feat-gan": _dt_feat_gan}
 
 
 def _deep_merge(*layers: dict) -> dict:
