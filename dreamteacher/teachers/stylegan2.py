@@ -119,7 +119,7 @@ def level_sizes(resolution: list[int], levels: int) -> list[tuple[int, int]]:
 
 
 class Generator(nn.Module):
-    """z (B, z_dim) -> (images in [-1, 1]-ish (B, 3, H, W), [output of each synthesis level])."""
+    """z (B, z_dim) -> (images, about [-1, 1] (B, 3, H, W); [output of each synthesis level])."""
 
     def __init__(self, cfg: GanConfig, resolution: list[int]):
         super().__init__()
@@ -144,9 +144,8 @@ class Generator(nn.Module):
     def style(self, z: torch.Tensor) -> torch.Tensor:
         return self.mapping(z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8))  # pixel norm, then MLP
 
-    def forward(self, z: torch.Tensor, noise: str = "random", last_level: int | None = None,
-                ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """`last_level`: stop after that level (its features are all a teacher needs; no image then)."""
+    def forward(self, z: torch.Tensor, noise: str = "random") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`noise="const"`: the fixed noise buffers instead of fresh noise (a deterministic render)."""
         w = self.style(z)
         x = self.const.expand(z.shape[0], -1, -1, -1)
         rgb, features = None, []
@@ -155,8 +154,6 @@ class Generator(nn.Module):
             for conv in convs:
                 x = conv(x, w, fixed)
             features.append(x)
-            if last_level is not None and i == last_level:
-                return None, features
             rgb = to_rgb(x, w, rgb)
         return rgb, features
 
