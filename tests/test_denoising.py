@@ -94,7 +94,7 @@ def test_ddep_freezes_the_encoder_and_its_batchnorm_statistics(dep_run, tmp_path
     assert any(not torch.equal(trained[k], pretrained[k]) for k in trained)  # the decoder learned
     with pytest.raises(UserError, match="needs --encoder"):
         api.pretrain(root / "images", tmp_path / "x", method="ddep", overrides=DENOISE, progress=False)
-    with pytest.raises(UserError, match="--teacher and --cache are for dt-feat and dt-mix"):
+    with pytest.raises(UserError, match="--teacher and --cache are for dt-feat, dt-mix and pcd"):
         api.pretrain(root / "images", tmp_path / "y", teacher=root, method="dep", overrides=DENOISE, progress=False)
 
 
