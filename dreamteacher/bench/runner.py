@@ -294,7 +294,7 @@ class Bench:
         """A method that needs no diffusion teacher: DeP, DDeP on `upstream`'s backbone (the frozen
         encoder), MoCo v3, or PCD from `upstream`'s MoCo v3 run (the teacher). Its settings are the
         pretraining preset with the recipe's `method_overrides[overrides_name or method]`. Returns
-        {backbone, decoder, teacher, key, pretrain_seconds (upstream's included), ...}."""
+        {run, backbone, decoder, key, pretrain_seconds (upstream's included), ...}."""
         from dreamteacher import api
         from dreamteacher.config import build_config
 
