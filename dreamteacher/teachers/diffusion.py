@@ -116,7 +116,11 @@ class DiffusionTeacher(nn.Module):
         dtype = self.unet.dtype
         context = torch.autocast(x_t.device.type, enabled=False) if dtype != torch.float32 else nullcontext()
         with context:
-            return self.unet(x_t.to(dtype), self._timesteps(t, x_t.shape[0]))
+            return self.unet(x_t.to(dtype), self._timesteps(t, x_t.shape[0]), **self.conditioning(len(x_t), dtype))
+
+    def conditioning(self, batch: int, dtype: torch.dtype) -> dict:
+        """Extra U-Net inputs (a text-conditional teacher's context); none for an unconditional one."""
+        return {}
 
     def predict_eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         # learned-variance models (guided-diffusion) output [eps, v]: keep eps
@@ -218,9 +222,12 @@ class DiffusionTeacher(nn.Module):
         device = self.alphas_cumprod.device
         x = torch.randn((num, self.unet.config.in_channels, height, width), generator=generator,
                         device="cpu").to(device)
+        return self.ddim_move(x, self.sampling_grid(steps), clip_x0=True).clamp(-1, 1)
+
+    def sampling_grid(self, steps: int) -> list[int]:
+        """`steps` DDIM steps from pure noise (the last training step) down to the clean image (-1)."""
         last = len(self.alphas_cumprod) - 1
-        grid = torch.linspace(last, 0, steps).round().long().tolist() + [-1]
-        return self.ddim_move(x, grid, clip_x0=True).clamp(-1, 1)
+        return torch.linspace(last, 0, steps).round().long().tolist() + [-1]
 
 
 # -- loading ---------------------------------------------------------------------------------------

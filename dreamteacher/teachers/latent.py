@@ -7,7 +7,6 @@ other teacher's."""
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,12 +43,8 @@ class LatentDiffusionTeacher(DiffusionTeacher):
         self.feature_specs = [FeatureSpec(s.block, s.channels, s.stride * self.vae_factor) for s in self.feature_specs]
         self.size_multiple *= self.vae_factor
 
-    def run_unet(self, x_t: torch.Tensor, t: int):
-        dtype = self.unet.dtype
-        context = torch.autocast(x_t.device.type, enabled=False) if dtype != torch.float32 else nullcontext()
-        embedding = self.prompt_embedding.to(dtype).expand(x_t.shape[0], -1, -1)
-        with context:
-            return self.unet(x_t.to(dtype), self._timesteps(t, x_t.shape[0]), encoder_hidden_states=embedding)
+    def conditioning(self, batch: int, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": self.prompt_embedding.to(dtype).expand(batch, -1, -1)}
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -77,9 +72,7 @@ class LatentDiffusionTeacher(DiffusionTeacher):
         device = self.alphas_cumprod.device
         shape = (num, self.unet.config.in_channels, height // self.vae_factor, width // self.vae_factor)
         z = torch.randn(shape, generator=generator, device="cpu").to(device)
-        last = len(self.alphas_cumprod) - 1
-        grid = torch.linspace(last, 0, steps).round().long().tolist() + [-1]
-        z = self.ddim_move(z, grid, clip_x0=False)  # latents are not bounded like pixels
+        z = self.ddim_move(z, self.sampling_grid(steps), clip_x0=False)  # latents are not bounded like pixels
         return self.vae.decode(z.to(self.vae.dtype) / self.latent_scale).sample.float().clamp(-1, 1)
 
 
