@@ -30,6 +30,8 @@ def test_optimizer_lr_scaling_and_no_decay_on_biases(name, cls):
     decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert decays[id(model.layer.weight)] == 0.05
     assert decays[id(model.layer.bias)] == 0.0 and decays[id(model.norm.weight)] == 0.0
+    # torch's AdamW takes its fused kernel on CPU (timm's LAMB has none)
+    assert opt.defaults.get("fused") is (True if cls is torch.optim.AdamW else None)
 
 
 def test_warmup_then_cosine():

@@ -177,7 +177,8 @@ class SegmentationTraining(L.LightningModule):
             optimizer = create_optimizer_v2(self.model, opt="momentum", lr=o.lr, weight_decay=o.weight_decay,
                                             momentum=o.momentum)
         else:
-            optimizer = create_optimizer_v2(self.model, opt="adamw", lr=o.lr, weight_decay=o.weight_decay)
+            optimizer = create_optimizer_v2(self.model, opt="adamw", lr=o.lr, weight_decay=o.weight_decay,
+                                            **engine.fused_adam(self.model))
         factor = lr_factor(o.schedule, o.iterations, o.warmup_iters, o.poly_power)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -133,7 +133,7 @@ class InterpreterTraining(L.LightningModule):
     def configure_optimizers(self):
         o = self.config.optim
         optimizer = torch.optim.AdamW(self.interpreter.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                      betas=tuple(o.betas))
+                                      betas=tuple(o.betas), **engine.fused_adam(self.interpreter))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(self.total_steps, self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

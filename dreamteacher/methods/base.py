@@ -9,7 +9,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from dreamteacher.config import Config
-from dreamteacher.train.engine import warmup_cosine
+from dreamteacher.train.engine import fused_adam, warmup_cosine
 
 
 class PretrainMethod(L.LightningModule):
@@ -51,6 +51,8 @@ class PretrainMethod(L.LightningModule):
         # timm's factory: no weight decay on biases and norm weights (nor LARS adaptation, MoCo v3's rule)
         adam_family = any(name in opt.name.lower() for name in ("adam", "lamb"))
         kwargs = {"betas": tuple(opt.betas)} if adam_family else {"momentum": opt.momentum}
+        if opt.name.lower() in ("adam", "adamw"):  # torch's own classes, which have a fused kernel
+            kwargs.update(fused_adam(self.trainable_module()))
         optimizer = create_optimizer_v2(self.trainable_module(), opt=opt.name, lr=lr,
                                         weight_decay=opt.weight_decay, **kwargs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, self.warmup_steps))

@@ -28,6 +28,7 @@ from torch import nn
 from dreamteacher.config import Config, GanConfig
 from dreamteacher.errors import UserError
 from dreamteacher.teachers.diffusion import FeatureSpec
+from dreamteacher.train.engine import fused_adam
 
 GAN_CONFIG_FILE = "stylegan2.json"
 GAN_WEIGHTS_FILE = "generator.safetensors"
@@ -238,8 +239,8 @@ class GanTraining(L.LightningModule):
 
     def configure_optimizers(self):
         g = self.config.gan
-        make = lambda params: torch.optim.Adam(params, lr=g.lr, betas=(0.0, 0.99))  # noqa: E731
-        return [make(self.generator.parameters()), make(self.discriminator.parameters())]
+        make = lambda net: torch.optim.Adam(net.parameters(), lr=g.lr, betas=(0.0, 0.99), **fused_adam(net))  # noqa: E731
+        return [make(self.generator), make(self.discriminator)]
 
     def save_generator(self, folder: Path) -> Path:
         """The EMA generator: `generator.safetensors` + `stylegan2.json` (its architecture)."""

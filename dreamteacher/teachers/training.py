@@ -17,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dreamteacher.config import Config, DiffusionConfig
 from dreamteacher.teachers.diffusion import default_scheduler
+from dreamteacher.train.engine import fused_adam
 
 
 def random_crops(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -72,7 +73,8 @@ class TeacherTraining(L.LightningModule):
 
     def configure_optimizers(self):
         tt = self.config.teacher_train
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tt.lr, weight_decay=tt.weight_decay)
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tt.lr, weight_decay=tt.weight_decay,
+                                      **fused_adam(self.unet))
         warmup = min(tt.warmup_steps, self.total_steps // 10)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
