@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "and t, k-means maps of its features; with --student, the student's features")
         p.add_argument("--teacher", required=True, help="train-teacher run, diffusers folder or ADM .pt")
         p.add_argument("--student", help="pretrain run folder (dt-feat)")
-        p.add_argument("--data", required=True, help="folder of images to show")
+        p.add_argument("--data", help="folder of images to show (a GAN teacher renders its own)")
         p.add_argument("--out", required=True, help=out)
         p.add_argument("--num-images", type=int, default=4, help="images to show (default 4)")
     return parser

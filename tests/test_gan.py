@@ -3,6 +3,8 @@ consistency, training and distillation from the synthesized dataset."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -84,6 +86,16 @@ def test_train_stylegan2_then_distill_its_synthesized_dataset(tmp_path):
     student = pretrain(images, tmp_path / "student", teacher=tmp_path / "gan",
                        overrides=TINY + GAN + ["encode.blocks=[0,1,2]"], progress=False)
     assert student.final_loss is not None and (tmp_path / "student" / "backbone.safetensors").is_file()
+    # viz: the GAN's own renders (no --data), every synthesis level; with the student, its levels
+    from dreamteacher.viz.report import write_report
+
+    page = write_report(tmp_path / "gan", None, tmp_path / "viz" / "index.html", num_images=2, png_folder=True)
+    linked = re.findall(r'<img src="([^"]+)"', page.read_text())
+    assert all((page.parent / name).is_file() for name in linked)
+    assert sum("kmeans-image1-block" in name for name in linked) == 3  # the tiny GAN's 3 levels
+    page = write_report(tmp_path / "gan", None, tmp_path / "report.html", student_run=tmp_path / "student",
+                        num_images=2)
+    assert "Student after distillation" in page.read_text()
     with pytest.raises(UserError, match="level 4 is out of range for this GAN teacher"):
         pretrain(images, tmp_path / "bad", teacher=folder, overrides=TINY + GAN + ["encode.blocks=[0,4]"],
                  progress=False)

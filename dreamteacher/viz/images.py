@@ -58,7 +58,9 @@ def pca_basis(feats_bchw: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch
     """Mean and top-k principal directions of the per-pixel feature vectors."""
     x = feats_bchw.detach().float().permute(0, 2, 3, 1).reshape(-1, feats_bchw.shape[1])
     mean = x.mean(0)
-    _, _, v = torch.pca_lowrank(x - mean, q=min(k, x.shape[1]), center=False)
+    _, _, v = torch.pca_lowrank(x - mean, q=min(k, *x.shape), center=False)
+    if v.shape[1] < k:  # fewer pixels or channels than directions: the missing ones are zero
+        v = torch.cat([v, v.new_zeros(v.shape[0], k - v.shape[1])], dim=1)
     return mean, v[:, :k]
 
 

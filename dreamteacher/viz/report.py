@@ -16,6 +16,7 @@ from PIL import Image
 
 from dreamteacher.config import build_config, load_config_file
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
+from dreamteacher.errors import UserError
 from dreamteacher.viz.images import (activation_heatmap, grid, kmeans_maps, pca_basis, pca_colors, pca_scale,
                                      to_uint8)
 
@@ -57,47 +58,71 @@ def _load_images(data: str | Path, resolution: list[int], num: int) -> torch.Ten
 
 
 @torch.no_grad()
-def write_report(teacher_path: str | Path, data: str | Path, out: str | Path, student_run: str | Path | None = None,
-                 num_images: int = 4, num_samples: int = 16, seed: int = 0, png_folder: bool = False) -> Path:
-    """The page at `out`; with `png_folder` its pictures are PNG files beside it, else inline."""
+def write_report(teacher_path: str | Path, data: str | Path | None, out: str | Path,
+                 student_run: str | Path | None = None, num_images: int = 4, num_samples: int = 16, seed: int = 0,
+                 png_folder: bool = False) -> Path:
+    """The page at `out`; with `png_folder` its pictures are PNG files beside it, else inline.
+
+    A diffusion teacher is shown on `data`'s images, encoded at several t; a GAN teacher on images it
+    renders itself (its synthesized dataset: no t, and `data` is not needed), every synthesis level
+    unless a `student_run` names the levels it distilled."""
     from dreamteacher.api import load_teacher
+    from dreamteacher.teachers.stylegan2 import GanTeacher, gan_folder, load_generator
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = Figures(out.parent if png_folder else None)
     config = (build_config(None, None, base=load_config_file(Path(student_run) / "config.yaml"))
               if student_run else build_config(None, None, base=_teacher_run_config(teacher_path)))
-    teacher = load_teacher(teacher_path, config)
-    height, width = config.data.resolution
-    images = _load_images(data, config.data.resolution, num_images)
+    gan = gan_folder(teacher_path) if Path(teacher_path).is_dir() else None
+    if gan is not None and not student_run:
+        generator = load_generator(gan)
+        teacher = GanTeacher(generator, list(range(len(generator.feature_specs))))
+    else:
+        teacher = load_teacher(teacher_path, config)
+
+    if isinstance(teacher, GanTeacher):
+        height, width = teacher.generator.resolution
+        images, rendered = teacher.render(torch.arange(num_images) + seed)
+        samples = teacher.render(torch.arange(num_samples) + seed)[0]
+        features_at = lambda t: rendered  # noqa: E731  (a rendered image has no diffusion step)
+        timesteps: list[int | None] = [None]
+        source, samples_text = "images rendered from seeds", "rendered from z ~ N(0, I), one seed each"
+        activation_text = "at each synthesis level (columns) while rendering"
+    else:
+        if data is None:
+            raise UserError("--data: a diffusion teacher is shown on real images; name an image folder")
+        height, width = config.data.resolution
+        images = _load_images(data, config.data.resolution, num_images)
+        samples = teacher.sample(num_samples, height, width, steps=50, generator=torch.Generator().manual_seed(seed))
+        features_at = lambda t: teacher.features(  # noqa: E731
+            teacher.noise(images, t, torch.Generator().manual_seed(seed)), t)
+        timesteps = [t for t in REPORT_TIMESTEPS if t < len(teacher.alphas_cumprod)]
+        source, samples_text = f"images: <code>{html.escape(str(data))}</code>", "50 DDIM steps from pure noise."
+        activation_text = "at each decoder block (columns) after stochastic encoding at step t (rows)"
     size = (height, width)
     sections = [f"<h1>DreamTeacher report</h1><p>teacher: <code>{html.escape(str(teacher_path))}</code>; "
-                f"images: <code>{html.escape(str(data))}</code> at {height}x{width}</p>"]
-
-    samples = teacher.sample(num_samples, height, width, steps=50, generator=torch.Generator().manual_seed(seed))
-    sections.append("<h2>Teacher samples</h2><p>50 DDIM steps from pure noise.</p>"
-                    + figure(grid(to_uint8(samples)), 2, "samples"))
+                f"{source} at {height}x{width}</p>"]
+    sections.append(f"<h2>Teacher samples</h2><p>{samples_text}</p>" + figure(grid(to_uint8(samples)), 2, "samples"))
 
     specs = teacher.feature_specs
     header = ["image", "t"] + [f"block {s.block} (stride {s.stride}, {s.channels} ch)" for s in specs]
+    feats_by_t = {t: features_at(t) for t in timesteps}
     rows = []
     for i in range(images.shape[0]):
-        for t in REPORT_TIMESTEPS:
-            if t >= len(teacher.alphas_cumprod):
-                continue
-            gen = torch.Generator().manual_seed(seed + i)
-            feats = teacher.features(teacher.noise(images[i: i + 1], t, gen), t)
-            maps = [figure(activation_heatmap(f, size)[0], 2, f"activation-image{i}-t{t}-block{s.block}")
+        for t, feats in feats_by_t.items():
+            label = "-" if t is None else str(t)
+            maps = [figure(activation_heatmap(f[i: i + 1], size)[0], 2, f"activation-image{i}-t{label}-block{s.block}")
                     for f, s in zip(feats, specs)]
-            first = figure(to_uint8(images[i: i + 1])[0], 2, f"image{i}") if t == REPORT_TIMESTEPS[0] else ""
-            rows.append([first, str(t), *maps])
+            first = figure(to_uint8(images[i: i + 1])[0], 2, f"image{i}") if t == timesteps[0] else ""
+            rows.append([first, label, *maps])
     sections.append("<h2>Teacher feature activation maps</h2><p>Sum of squared activations over channels "
-                    "at each decoder block (columns) after stochastic encoding at step t (rows), as in the "
-                    "paper's Fig. 4/7.</p>" + _table(header, rows))
-    sections.append(_kmeans_section(teacher, images, config.encode.t, size, seed, figure))
+                    f"{activation_text}, as in the paper's Fig. 4/7.</p>" + _table(header, rows))
+    sections.append(_kmeans_section(teacher, images, features_at(config.encode.t), size, seed, figure))
 
     if student_run:
-        sections.append(_student_section(Path(student_run), config, teacher, images, size, seed, figure))
+        sections.append(_student_section(Path(student_run), config, teacher, images,
+                                         features_at(config.encode.t), size, figure))
     html_text = ("<!doctype html><html><head><meta charset='utf-8'><title>DreamTeacher report</title><style>"
                  "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:3px;"
                  "border:1px solid #ddd;font-size:12px;vertical-align:middle}img{image-rendering:pixelated}"
@@ -106,19 +131,19 @@ def write_report(teacher_path: str | Path, data: str | Path, out: str | Path, st
     return out
 
 
-def _kmeans_section(teacher, images: torch.Tensor, t: int, size: tuple[int, int], seed: int, figure: Figures) -> str:
+def _kmeans_section(teacher, images: torch.Tensor, feats: list[torch.Tensor], size: tuple[int, int], seed: int,
+                    figure: Figures) -> str:
     """Fig. 5: per block, one k-means over the pixels of all images; a color is a cluster everywhere."""
-    feats = teacher.features(teacher.noise(images, t, torch.Generator().manual_seed(seed)), t)
     maps = [kmeans_maps(f, size, k=KMEANS_CLUSTERS, seed=seed)[0] for f in feats]
     header = ["image"] + [f"block {s.block} (stride {s.stride})" for s in teacher.feature_specs]
     rows = [[figure(to_uint8(images[i: i + 1])[0], 2, f"kmeans-image{i}")]
             + [figure(m[i], 2, f"kmeans-image{i}-block{s.block}") for m, s in zip(maps, teacher.feature_specs)]
             for i in range(images.shape[0])]
-    return (f"<h2>Teacher features, k-means (k={KMEANS_CLUSTERS})</h2><p>Each block's features after "
-            f"encoding at t={t}, clustered with one k-means over every pixel of these images (channels "
-            "standardized, vectors normalized), as in the paper's Fig. 5: the same color is the same "
-            "cluster in every image. Clusters that follow objects and parts mean the teacher's features "
-            "already separate them.</p>" + _table(header, rows))
+    return (f"<h2>Teacher features, k-means (k={KMEANS_CLUSTERS})</h2><p>Each block's features (a diffusion "
+            "teacher's after encoding at the run's t), clustered with one k-means over every pixel of these "
+            "images (channels standardized, vectors normalized), as in the paper's Fig. 5: the same color is "
+            "the same cluster in every image. Clusters that follow objects and parts mean the teacher's "
+            "features already separate them.</p>" + _table(header, rows))
 
 
 def _teacher_run_config(teacher_path: str | Path) -> dict | None:
@@ -126,8 +151,8 @@ def _teacher_run_config(teacher_path: str | Path) -> dict | None:
     return load_config_file(path) if path.is_file() else None
 
 
-def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tuple[int, int], seed: int,
-                     figure: Figures) -> str:
+def _student_section(run: Path, config, teacher, images: torch.Tensor, teacher_feats: list[torch.Tensor],
+                     size: tuple[int, int], figure: Figures) -> str:
     from dreamteacher.checkpoints import read_checkpoint
     from dreamteacher.losses import whiten
     from dreamteacher.methods.dt_feat import DTFeat, resize_to
@@ -137,8 +162,6 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tup
     method = DTFeat(config, teacher.feature_specs, teacher)
     method.load_state_dict(ckpt["state_dict"])
     method.eval()
-    gen = torch.Generator().manual_seed(seed)
-    teacher_feats = teacher.features(teacher.noise(images, config.encode.t, gen), config.encode.t)
     student_feats = method.student_features(images)
     backbone_feats = method.backbone(images)
     header = ["image"] + [f"block {s.block}: teacher | student" for s in teacher.feature_specs] + \
@@ -157,8 +180,9 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, size: tup
                        f"student-image{i}-block{spec.block}") for (t, s), spec in zip(columns, teacher.feature_specs)]
         row += [figure(h[i], 2, f"student-image{i}-stride{stride}") for h, stride in zip(heatmaps, method.backbone.strides)]
         rows.append(row)
+    encoded = f", t={config.encode.t}" if hasattr(teacher, "alphas_cumprod") else ""  # a GAN renders, no t
     return (f"<h2>Student after distillation</h2><p>run <code>{html.escape(str(run))}</code>, step "
             f"{ckpt.get('global_step', '?')}, backbone <code>{html.escape(config.student.backbone)}</code>. "
-            "Teacher targets (whitened, t=%d) and the student's regressor outputs, colored by the same PCA "
+            f"Teacher targets (whitened{encoded}) and the student's regressor outputs, colored by the same PCA "
             "basis per block: matching colors mean the student reproduces the teacher's features. Then the "
-            "backbone's own activation maps per level (Fig. 8).</p>" % config.encode.t) + _table(header, rows)
+            "backbone's own activation maps per level (Fig. 8).</p>") + _table(header, rows)
