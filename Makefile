@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/dreamteacher export runs/demo/student --out runs/demo/backbone.safetensors
 	$(BIN)/dreamteacher report --teacher runs/demo/teacher --student runs/demo/student \
 		--data examples/camvid48 --out runs/demo/report.html
+	$(BIN)/dreamteacher viz --teacher runs/demo/teacher --student runs/demo/student \
+		--data examples/camvid48 --out runs/demo/viz
 
 clean:
 	rm -rf runs .pytest_cache
