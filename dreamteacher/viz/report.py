@@ -118,11 +118,11 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
             rows.append([first, label, *maps])
     sections.append("<h2>Teacher feature activation maps</h2><p>Sum of squared activations over channels "
                     f"{activation_text}, as in the paper's Fig. 4/7.</p>" + _table(header, rows))
-    sections.append(_kmeans_section(teacher, images, features_at(config.encode.t), size, seed, figure))
+    at_run_t = feats_by_t.get(config.encode.t) or features_at(config.encode.t)  # what the student regresses
+    sections.append(_kmeans_section(teacher, images, at_run_t, size, seed, figure))
 
     if student_run:
-        sections.append(_student_section(Path(student_run), config, teacher, images,
-                                         features_at(config.encode.t), size, figure))
+        sections.append(_student_section(Path(student_run), config, teacher, images, at_run_t, size, figure))
     html_text = ("<!doctype html><html><head><meta charset='utf-8'><title>DreamTeacher report</title><style>"
                  "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:3px;"
                  "border:1px solid #ddd;font-size:12px;vertical-align:middle}img{image-rendering:pixelated}"
