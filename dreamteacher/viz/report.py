@@ -112,7 +112,8 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
     for i in range(images.shape[0]):
         for t, feats in feats_by_t.items():
             label = "-" if t is None else str(t)
-            maps = [figure(activation_heatmap(f[i: i + 1], size)[0], 2, f"activation-image{i}-t{label}-block{s.block}")
+            tag = "" if t is None else f"-t{t}"
+            maps = [figure(activation_heatmap(f[i: i + 1], size)[0], 2, f"activation-image{i}{tag}-block{s.block}")
                     for f, s in zip(feats, specs)]
             first = figure(to_uint8(images[i: i + 1])[0], 2, f"image{i}") if t == timesteps[0] else ""
             rows.append([first, label, *maps])
