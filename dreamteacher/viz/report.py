@@ -157,6 +157,7 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, teacher_f
     from dreamteacher.checkpoints import read_checkpoint
     from dreamteacher.losses import whiten
     from dreamteacher.methods.dt_feat import DTFeat, resize_to
+    from dreamteacher.teachers.stylegan2 import GanTeacher
     from dreamteacher.train.engine import checkpoint_path
 
     ckpt = read_checkpoint(checkpoint_path(run))
@@ -181,7 +182,7 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, teacher_f
                        f"student-image{i}-block{spec.block}") for (t, s), spec in zip(columns, teacher.feature_specs)]
         row += [figure(h[i], 2, f"student-image{i}-stride{stride}") for h, stride in zip(heatmaps, method.backbone.strides)]
         rows.append(row)
-    encoded = f", t={config.encode.t}" if hasattr(teacher, "alphas_cumprod") else ""  # a GAN renders, no t
+    encoded = "" if isinstance(teacher, GanTeacher) else f", t={config.encode.t}"  # a GAN renders, no t
     return (f"<h2>Student after distillation</h2><p>run <code>{html.escape(str(run))}</code>, step "
             f"{ckpt.get('global_step', '?')}, backbone <code>{html.escape(config.student.backbone)}</code>. "
             f"Teacher targets (whitened{encoded}) and the student's regressor outputs, colored by the same PCA "
