@@ -39,3 +39,23 @@ def test_warmup_then_cosine():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_finetune_backbone_lr_scale_and_no_decay_on_biases(name):
+    from dreamteacher.downstream.finetune import SegmentationTraining, build_finetune_config
+
+    config = build_finetune_config(overrides=[f"optim.name={name}", "optim.lr=0.01", "optim.weight_decay=0.05",
+                                              "optim.backbone_lr_scale=0.1", "optim.warmup_iters=0",
+                                              "data.num_classes=3", "model.backbone=resnet18",
+                                              "model.decoder_channels=32"])
+    module = SegmentationTraining(config, {"backbone": "resnet18"})
+    opt = module.configure_optimizers()["optimizer"]
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    backbone = module.model.backbone_model()
+    head = module.model.net.segmentation_head[0]
+    assert lr[id(backbone.conv1.weight)] == pytest.approx(0.001) and lr[id(head.weight)] == pytest.approx(0.01)
+    assert decay[id(backbone.conv1.weight)] == 0.05 and decay[id(backbone.bn1.weight)] == 0.0
+    assert decay[id(head.weight)] == 0.05 and decay[id(head.bias)] == 0.0
+    assert len(lr) == sum(1 for p in module.model.parameters() if p.requires_grad)  # every parameter, once

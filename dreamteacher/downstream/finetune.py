@@ -57,6 +57,9 @@ class SegModelConfig:
 class SegOptimConfig:
     name: str = "sgd"  # "sgd" (momentum) or "adamw"
     lr: float = 0.01
+    # x lr for the backbone's parameters: below 1 keeps more of a pretrained backbone through a long
+    # fine-tuning on few labels (the decoder and classifier still train at lr); 1 = one lr for all
+    backbone_lr_scale: float = 1.0
     momentum: float = 0.9  # SGD momentum; AdamW uses betas (0.9, 0.999)
     weight_decay: float = 5e-4
     schedule: str = "poly"  # or "cosine"
@@ -118,6 +121,8 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise UserError(f"optim.schedule must be 'poly' or 'cosine', got '{o.schedule}'")
     if o.iterations < 1 or o.batch_size < 1:
         raise UserError("optim.iterations and optim.batch_size must be positive")
+    if o.backbone_lr_scale <= 0:
+        raise UserError(f"optim.backbone_lr_scale must be positive (1 = the lr of the rest), got {o.backbone_lr_scale}")
 
 
 def lr_factor(schedule: str, total: int, warmup: int, power: float = 0.9):
@@ -170,15 +175,26 @@ class SegmentationTraining(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    def parameter_groups(self) -> list[dict]:
+        """timm's rule (no weight decay on biases and norm weights, frozen parameters left out), with
+        the backbone's groups at lr x `optim.backbone_lr_scale`."""
+        o = self.config.optim
+        in_backbone = {id(p) for p in self.model.backbone_model().parameters()}
+        groups: dict[tuple[bool, bool], list] = {}
+        for param in self.model.parameters():
+            if param.requires_grad:
+                groups.setdefault((id(param) in in_backbone, param.ndim > 1), []).append(param)
+        return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
+                 "lr": o.lr * (o.backbone_lr_scale if backbone else 1.0)}
+                for (backbone, decay), params in sorted(groups.items())]
+
     def configure_optimizers(self):
         o = self.config.optim
-        # timm's factory: no weight decay on biases and norm weights; frozen parameters left out
+        groups = self.parameter_groups()
         if o.name == "sgd":
-            optimizer = create_optimizer_v2(self.model, opt="momentum", lr=o.lr, weight_decay=o.weight_decay,
-                                            momentum=o.momentum)
+            optimizer = create_optimizer_v2(groups, opt="momentum", lr=o.lr, momentum=o.momentum)
         else:
-            optimizer = create_optimizer_v2(self.model, opt="adamw", lr=o.lr, weight_decay=o.weight_decay,
-                                            **engine.fused_adam(self.model))
+            optimizer = create_optimizer_v2(groups, opt="adamw", lr=o.lr, **engine.fused_adam(self.model))
         factor = lr_factor(o.schedule, o.iterations, o.warmup_iters, o.poly_power)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
