@@ -333,6 +333,9 @@ def test_bench_gan_row_trains_a_stylegan2_then_distills_its_samples(scenes, tmp_
     assert row["method"] == "dt-feat-gan" and row["initialized"] == "backbone"
     assert row["pretrain_stages"]["teacher"]["steps"] == 2  # GAN iterations, the teacher's time counted
     assert (tmp_path / "bench" / "runs" / "teacher-stylegan2" / "teacher" / "stylegan2.json").is_file()
+    # the table's header says which teacher the GAN row had, not only the preset's diffusion one
+    assert "a StyleGAN2 teacher instead (2 iterations" in (tmp_path / "bench" / "results.md").read_text()
+    assert "levels [0, 1, 2]" in (tmp_path / "bench" / "results.md").read_text()
 
 
 def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_path):

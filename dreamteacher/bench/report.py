@@ -49,7 +49,7 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     fractions = [f for f in FRACTION_ORDER if any(s["fraction"] == f for s in summary)]
     labeled = {s["fraction"]: s["labeled"] for s in summary}
     by_key = {(s["method"], s["head"], s["fraction"]): s for s in summary}
-    pre, fine = meta["pretrain"], meta["finetune"]
+    pre, fine, gan = meta["pretrain"], meta["finetune"], meta.get("gan_teacher")
     lines = [
         f"# Benchmark `{meta['recipe']}`",
         "",
@@ -60,7 +60,10 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         f"{pre['resolution'][0]}x{pre['resolution'][1]}); backbone {meta['backbone']}.",
         f"- Pretraining (`{pre['preset']}` preset): teacher {pre['teacher_steps']} steps"
         + (f" on {pre['teacher_crop'][0]}x{pre['teacher_crop'][1]} crops" if pre.get("teacher_crop") else "")
-        + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}.",
+        + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}."
+        + (f" `dt-feat-gan`: a StyleGAN2 teacher instead ({gan['iterations']} iterations on the same images), "
+           f"its student {gan['student_epochs']} epochs on the images it synthesizes, levels {gan['blocks']}."
+           if gan and any(row["method"] == "dt-feat-gan" for row in rows) else ""),
         f"- Fine-tuning (`{fine['preset']}` preset): iterations per fraction {fine['iterations']}, batch "
         f"{fine['batch_size']}, {fine['optimizer']} lr {fine['lr']}, UperNet width {fine['decoder_channels']}; "
         f"seeds per fraction {meta['seeds']}.",

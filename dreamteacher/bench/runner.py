@@ -138,8 +138,10 @@ class Bench:
         """The recipe's override layers for a stage, with the bench's device settings on top."""
         return _deep_merge(*(layer or {} for layer in layers), DEVICE_SETTINGS[self.device])
 
-    def pretrain_config(self) -> tuple[str | None, dict]:
-        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"))
+    def pretrain_config(self, method: str | None = None) -> tuple[str | None, dict]:
+        """The pretraining preset and overrides, with `method_overrides[method]` on top when given."""
+        method_layer = (self.spec.get("method_overrides") or {}).get(method) if method else None
+        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"), method_layer)
 
     def teacher_stage(self, trained: bool, allow_run: bool) -> dict | None:
         from dreamteacher import api
@@ -180,8 +182,7 @@ class Bench:
 
         if "teacher-stylegan2" in self._stages:
             return self._stages["teacher-stylegan2"]
-        preset, overrides = self.pretrain_config()
-        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get("gan-teacher"))
+        preset, overrides = self.pretrain_config("gan-teacher")
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
         key = digest("teacher-stylegan2", config["data"], config["gan"], config["teacher_train"],
@@ -254,8 +255,7 @@ class Bench:
         from dreamteacher import api
         from dreamteacher.config import build_config
 
-        preset, overrides = self.pretrain_config()
-        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(method))
+        preset, overrides = self.pretrain_config(method)
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
         # online feature distillation: the cache, denoising, contrastive and label-distillation settings
@@ -300,8 +300,7 @@ class Bench:
 
         if upstream is None and method in ("ddep", "pcd"):
             return None
-        preset, overrides = self.pretrain_config()
-        overrides = self.overrides(overrides, (self.spec.get("method_overrides") or {}).get(overrides_name or method))
+        preset, overrides = self.pretrain_config(overrides_name or method)
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
         unused = ("diffusion", "teacher_train", "encode", "loss", "gan",
@@ -582,6 +581,7 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
     from dreamteacher.downstream.finetune import build_finetune_config
 
     pre = build_config(*bench_.pretrain_config())
+    gan, gan_student = build_config(*bench_.pretrain_config("gan-teacher")), build_config(*bench_.pretrain_config("dt-feat-gan"))
     fine = build_finetune_config(spec.get("finetune_preset"), bench_.overrides(spec.get("finetune_overrides")))
     return {
         "recipe": spec["name"], "image_size": fine.data.resolution, "backbone": fine.model.backbone,
@@ -597,6 +597,9 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
                      "decoder_channels": fine.model.decoder_channels},
         "seeds": spec["seeds"],
         "device": bench_.device,
+        # dt-feat-gan's teacher is not the preset's diffusion U-Net: the table says what it is
+        "gan_teacher": {"iterations": gan.teacher_train.max_steps, "student_epochs": gan_student.optim.epochs,
+                        "blocks": gan_student.encode.blocks},
         "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "python": platform.python_version()},
         "bench_seconds_this_invocation": round(seconds, 1),
