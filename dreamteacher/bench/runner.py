@@ -581,7 +581,8 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
     from dreamteacher.downstream.finetune import build_finetune_config
 
     pre = build_config(*bench_.pretrain_config())
-    gan, gan_student = build_config(*bench_.pretrain_config("gan-teacher")), build_config(*bench_.pretrain_config("dt-feat-gan"))
+    gan = build_config(*bench_.pretrain_config("gan-teacher"))
+    gan_student = build_config(*bench_.pretrain_config("dt-feat-gan"))
     fine = build_finetune_config(spec.get("finetune_preset"), bench_.overrides(spec.get("finetune_overrides")))
     return {
         "recipe": spec["name"], "image_size": fine.data.resolution, "backbone": fine.model.backbone,
