@@ -11,6 +11,16 @@ recipe = load_recipe("camvid-cpu")
 root = Path(recipe["data"]["root"])
 
 
+def finished(run: Path) -> bool:
+    """A training run that wrote its summary (skip it)."""
+    return (run / "run.json").is_file()
+
+
+def interrupted(run: Path) -> bool:
+    """A training run that left a checkpoint (resume it)."""
+    return (run / "checkpoints" / "last.ckpt").is_file()
+
+
 def miou_at_1_30(backbone: Path | None, out: Path, seeds=(0, 1, 2), device: str = "cpu",
                  data_root: Path | None = None, overrides: dict | None = None,
                  decoder: Path | None = None) -> list[float]:
@@ -24,6 +34,6 @@ def miou_at_1_30(backbone: Path | None, out: Path, seeds=(0, 1, 2), device: str 
             dt.finetune(backbone, data / "train", data / "trainannot", cell,
                         split=data / recipe["data"]["splits"]["1-30"], preset="camvid-cpu",
                         overrides=_deep_merge(cell_settings, overrides or {}, DEVICE_SETTINGS[device]),
-                        resume=(cell / "checkpoints" / "last.ckpt").is_file(), progress=False, decoder=decoder)
+                        resume=interrupted(cell), progress=False, decoder=decoder)
         scores.append(dt.evaluate(cell, data / "val", data / "valannot").miou)
     return scores

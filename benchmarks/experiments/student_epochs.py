@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import dreamteacher as dt
-from cells import miou_at_1_30, root
+from cells import finished, interrupted, miou_at_1_30, root
 from dreamteacher.bench.runner import DEVICE_SETTINGS, _deep_merge
 
 parser = argparse.ArgumentParser()
@@ -27,10 +27,10 @@ args = parser.parse_args()
 data_root = Path(args.data_root)
 out = Path(args.out) / (f"student-{args.epochs}ep" + ("" if args.device == "cpu" else f"-{args.device}"))
 student = out / "student"
-if not (student / "run.json").is_file():
+if not finished(student):
     dt.pretrain(data_root / "train", student, teacher=Path(args.bench) / "runs" / "teacher" / "teacher",
                 preset="camvid-cpu", overrides=_deep_merge({"optim": {"epochs": args.epochs}}, DEVICE_SETTINGS[args.device]),
-                resume=(student / "checkpoints" / "last.ckpt").is_file(), progress=False)
+                resume=interrupted(student), progress=False)
 summary = json.loads((student / "run.json").read_text())
 scores = miou_at_1_30(student / "backbone.safetensors", out, device=args.device, data_root=data_root)
 result = {"student_epochs": args.epochs, "device": args.device, "student_seconds": summary["seconds"],

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import dreamteacher as dt
-from cells import miou_at_1_30, root
+from cells import finished, interrupted, miou_at_1_30, root
 from dreamteacher.bench.runner import DEVICE_SETTINGS, _deep_merge
 
 parser = argparse.ArgumentParser()
@@ -31,23 +31,15 @@ out = Path(args.out) / f"teacher-{args.steps}steps-{crop}-{args.device}"
 device = DEVICE_SETTINGS[args.device]
 
 
-def done(run: Path) -> bool:
-    return (run / "run.json").is_file()
-
-
-def resume(run: Path) -> bool:
-    return (run / "checkpoints" / "last.ckpt").is_file()
-
-
 teacher = out / "teacher"
-if not done(teacher):
+if not finished(teacher):
     teacher_settings = {"teacher_train": {"max_steps": args.steps, "crop": args.crop}}
     dt.train_teacher(data_root / "train", teacher, preset="camvid-cpu", overrides=_deep_merge(teacher_settings, device),
-                     resume=resume(teacher), progress=False)
+                     resume=interrupted(teacher), progress=False)
 student = out / "student"
-if not done(student):
+if not finished(student):
     dt.pretrain(data_root / "train", student, teacher=teacher / "teacher", preset="camvid-cpu", overrides=device,
-                resume=resume(student), progress=False)
+                resume=interrupted(student), progress=False)
 seconds = {name: json.loads((out / name / "run.json").read_text())["seconds"] for name in ("teacher", "student")}
 scores = miou_at_1_30(student / "backbone.safetensors", out, device=args.device, data_root=data_root)
 result = {"teacher_steps": args.steps, "teacher_crop": args.crop, "device": args.device, "seconds": seconds,
