@@ -30,7 +30,6 @@ crop = "x".join(map(str, args.crop))
 out = Path(args.out) / f"teacher-{args.steps}steps-{crop}-{args.device}"
 device = DEVICE_SETTINGS[args.device]
 
-
 teacher = out / "teacher"
 if not finished(teacher):
     teacher_settings = {"teacher_train": {"max_steps": args.steps, "crop": args.crop}}
