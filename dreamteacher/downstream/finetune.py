@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch.utils.data import Dataset
 
 from dreamteacher.config import Sections, TrainerConfig, load_config_file, merge_overrides, resolve_sections, save_config
@@ -176,17 +176,17 @@ class SegmentationTraining(L.LightningModule):
         return loss
 
     def parameter_groups(self) -> list[dict]:
-        """timm's rule (no weight decay on biases and norm weights, frozen parameters left out), with
-        the backbone's groups at lr x `optim.backbone_lr_scale`."""
+        """timm's weight-decay groups (none on biases and norm weights, frozen parameters left out),
+        each split into the rest (first: the logged lr) and the backbone, at lr x `optim.backbone_lr_scale`."""
         o = self.config.optim
         in_backbone = {id(p) for p in self.model.backbone_model().parameters()}
-        groups: dict[tuple[bool, bool], list] = {}
-        for param in self.model.parameters():
-            if param.requires_grad:
-                groups.setdefault((id(param) in in_backbone, param.ndim > 1), []).append(param)
-        return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
-                 "lr": o.lr * (o.backbone_lr_scale if backbone else 1.0)}
-                for (backbone, decay), params in sorted(groups.items())]
+        groups = []
+        for group in param_groups_weight_decay(self.model, o.weight_decay):
+            for backbone, scale in ((False, 1.0), (True, o.backbone_lr_scale)):
+                params = [p for p in group["params"] if (id(p) in in_backbone) == backbone]
+                if params:
+                    groups.append({**group, "params": params, "lr": o.lr * scale})
+        return groups
 
     def configure_optimizers(self):
         o = self.config.optim
