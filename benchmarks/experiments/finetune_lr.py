@@ -25,16 +25,18 @@ args = parser.parse_args()
 
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-splits = {name: (root / path).read_text().split() for name, path in recipe["data"]["splits"].items()}
+split = {name: (root / recipe["data"]["splits"][name]).read_text().split() for name in ("1-4", "full")}
+in_quarter = set(split["1-4"])
 heldout = out / "train_heldout.txt"
-heldout.write_text("\n".join(name for name in splits["full"] if name not in set(splits["1-4"])) + "\n")
+heldout.write_text("\n".join(name for name in split["full"] if name not in in_quarter) + "\n")
+seeds = (0, 1, 2)
 
 
 def scores(backbone: Path | None, folder: Path, scale: float) -> dict:
-    val = miou_at_1_30(backbone, folder, overrides={"optim": {"backbone_lr_scale": scale}})
+    val = miou_at_1_30(backbone, folder, seeds, overrides={"optim": {"backbone_lr_scale": scale}})
     held = [dt.evaluate(folder / f"1-30-seed{seed}", root / "train", root / "trainannot", split=heldout).miou
-            for seed in (0, 1, 2)]
-    return {"val": val, "heldout": held, "val_mean": sum(val) / 3, "heldout_mean": sum(held) / 3}
+            for seed in seeds]
+    return {"val": val, "heldout": held, "val_mean": sum(val) / len(val), "heldout_mean": sum(held) / len(held)}
 
 
 result = {"backbone": args.backbone, "cells": {}}
