@@ -14,8 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import dreamteacher as dt
-from cells import miou_at_1_30, recipe, root
+from cells import heldout_miou_at_1_30, miou_at_1_30
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--backbone", required=True, help="exported backbone (backbone.safetensors)")
@@ -24,18 +23,12 @@ parser.add_argument("--out", default="benchmarks/experiments/runs/finetune-lr")
 args = parser.parse_args()
 
 out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
-split = {name: (root / recipe["data"]["splits"][name]).read_text().split() for name in ("1-4", "full")}
-in_quarter = set(split["1-4"])
-heldout = out / "train_heldout.txt"
-heldout.write_text("\n".join(name for name in split["full"] if name not in in_quarter) + "\n")
 seeds = (0, 1, 2)
 
 
 def scores(backbone: Path | None, folder: Path, scale: float) -> dict:
     val = miou_at_1_30(backbone, folder, seeds, overrides={"optim": {"backbone_lr_scale": scale}})
-    held = [dt.evaluate(folder / f"1-30-seed{seed}", root / "train", root / "trainannot", split=heldout).miou
-            for seed in seeds]
+    held = heldout_miou_at_1_30(folder, seeds)
     return {"val": val, "heldout": held, "val_mean": sum(val) / len(val), "heldout_mean": sum(held) / len(held)}
 
 
