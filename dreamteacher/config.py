@@ -85,6 +85,9 @@ class StudentConfig:
 @dataclass
 class LossConfig:
     mse_weight: float = 1.0
+    # what the LayerNorm whitening of Eq. 1 normalizes over: "pixel" (the channels at each pixel) or
+    # "layer" (each sample's whole C x H x W map); see losses/feature.py `whiten`
+    whiten: str = "pixel"
     at_weight: float = 10.0  # lambda_AT of Eq. 3, "to make the two losses in the same scale"
     at_p: int = 2
     ld_weight: float = 1.0  # dt-mix: lambda_ld of Eq. 6
@@ -338,6 +341,8 @@ def validate(config: Config) -> None:
         raise UserError("loss.mse_weight and loss.at_weight must be >= 0")
     if config.loss.mse_weight == 0 and config.loss.at_weight == 0:
         raise UserError("loss.mse_weight and loss.at_weight are both 0: nothing to train")
+    if config.loss.whiten not in ("pixel", "layer"):
+        raise UserError(f"loss.whiten must be 'pixel' or 'layer', got '{config.loss.whiten}'")
     for name, value in (("optim.batch_size", config.optim.batch_size),
                         ("teacher_train.batch_size", config.teacher_train.batch_size)):
         if not isinstance(value, int) or value < 1:

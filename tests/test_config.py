@@ -32,6 +32,7 @@ def test_dotted_overrides_and_base_presets():
     ("encode.blocks=[1,1]", "encode.blocks"),
     ("data.resolution=[72,96]", "divisible by 16"),
     ("loss.at_weight=-1", "loss.mse_weight and loss.at_weight must be >= 0"),
+    ("loss.whiten=channel", "loss.whiten must be 'pixel' or 'layer', got 'channel'"),
     ("optim=3", "is a section"),
     ("encode.t", "key=value"),
 ])

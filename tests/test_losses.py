@@ -13,13 +13,19 @@ def slow_layernorm(v: list[float], eps: float = 1e-5) -> list[float]:
     return [(x - mean) / math.sqrt(var + eps) for x in v]
 
 
-def slow_mse(student, teacher) -> float:
-    """Eq. 1: mean over levels of the mean squared error to the per-pixel LayerNorm of the teacher."""
+def slow_mse(student, teacher, over: str = "pixel") -> float:
+    """Eq. 1: mean over levels of the mean squared error to the LayerNorm of the teacher, taken over
+    the channels of each pixel ("pixel") or over each sample's whole map ("layer")."""
     per_level = []
     for s, t in zip(student, teacher):
         b, c, h, w = s.shape
         total = 0.0
         for i in range(b):
+            if over == "layer":
+                cells = [(k, y, x) for k in range(c) for y in range(h) for x in range(w)]
+                target = slow_layernorm([float(t[i][cell]) for cell in cells])
+                total += sum((float(s[i][cell]) - v) ** 2 for cell, v in zip(cells, target))
+                continue
             for y in range(h):
                 for x in range(w):
                     target = slow_layernorm([float(t[i, k, y, x]) for k in range(c)])
@@ -61,6 +67,20 @@ def test_whiten_is_layernorm_over_channels():
 def test_whitened_mse_matches_equation_1():
     student, teacher = _pairs()
     assert abs(float(whitened_mse_loss(student, teacher)) - slow_mse(student, teacher)) < 1e-5
+
+
+def test_whitening_over_the_layer_keeps_the_spatial_energy_pattern():
+    student, teacher = _pairs(3)
+    assert abs(float(whitened_mse_loss(student, teacher, "layer")) - slow_mse(student, teacher, "layer")) < 1e-5
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    x[:, :, 0, 0] *= 10  # one loud pixel: attention transfer's target
+    energy = lambda f: f.pow(2).sum(1)  # noqa: E731
+    per_pixel, per_layer = whiten(x, "pixel"), whiten(x, "layer")
+    assert torch.allclose(energy(per_pixel), torch.full((2, 3, 4), 6.0, dtype=torch.float64), atol=1e-3)
+    assert (energy(per_layer).flatten(1).argmax(1) == 0).all()
+    assert torch.allclose(per_layer.flatten(1).mean(1), torch.zeros(2, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(per_layer.flatten(1).var(1, unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-4)
 
 
 def test_attention_transfer_matches_equation_2():

@@ -118,7 +118,7 @@ class DTFeat(PretrainMethod):
         parts: dict[str, torch.Tensor] = {}
         total = student_feats[0].new_zeros((), dtype=torch.float32)
         if cfg.mse_weight > 0:  # a term runs only when its weight is above zero
-            parts["mse"] = whitened_mse_loss(student_feats, targets)
+            parts["mse"] = whitened_mse_loss(student_feats, targets, cfg.whiten)
             total = total + cfg.mse_weight * parts["mse"]
         if cfg.at_weight > 0:
             parts["at"] = attention_transfer_loss(student_feats, targets, p=cfg.at_p)
