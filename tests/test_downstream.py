@@ -215,6 +215,7 @@ def test_bench_runs_every_cell_writes_tables_and_resumes_without_recomputing(sce
     assert {r["labeled"] for r in saved["rows"] if r["fraction"] == "1-30"} == {2}
     table = (out / "results.md").read_text()
     assert "| scratch | upernet |" in table and "| dt-feat-untrained | readout |" in table
+    assert "loss whitened MSE (per-pixel LayerNorm) + 10 x attention transfer." in table  # what it distilled with
     assert (out / "results.png").stat().st_size > 0
     from dreamteacher.describe import describe
 

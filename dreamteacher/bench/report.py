@@ -44,6 +44,17 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds else "-"
 
 
+def _loss_text(loss: dict) -> str:
+    """The distillation loss of Eq. 3 in words, e.g. 'whitened MSE (per-pixel LayerNorm) + 10 x AT'."""
+    terms = []
+    if loss["mse_weight"] > 0:
+        weight = "" if loss["mse_weight"] == 1 else f"{loss['mse_weight']:g} x "
+        terms.append(f"{weight}whitened MSE (per-{loss['whiten']} LayerNorm)")
+    if loss["at_weight"] > 0:
+        terms.append(f"{loss['at_weight']:g} x attention transfer")
+    return " + ".join(terms)
+
+
 def markdown_table(meta: dict, rows: list[dict]) -> str:
     summary = summarize(rows)
     fractions = [f for f in FRACTION_ORDER if any(s["fraction"] == f for s in summary)]
@@ -60,7 +71,8 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         f"{pre['resolution'][0]}x{pre['resolution'][1]}); backbone {meta['backbone']}.",
         f"- Pretraining (`{pre['preset']}` preset): teacher {pre['teacher_steps']} steps"
         + (f" on {pre['teacher_crop'][0]}x{pre['teacher_crop'][1]} crops" if pre.get("teacher_crop") else "")
-        + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}."
+        + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}"
+        + (f", loss {_loss_text(pre['loss'])}." if pre.get("loss") else ".")
         + (f" `dt-feat-gan`: a StyleGAN2 teacher instead ({gan['iterations']} iterations on the same images), "
            f"its student {gan['student_epochs']} epochs on the images it synthesizes, levels {gan['blocks']}."
            if gan and any(row["method"] == "dt-feat-gan" for row in rows) else ""),
