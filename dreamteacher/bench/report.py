@@ -45,7 +45,8 @@ def _minutes(seconds: float) -> str:
 
 
 def _loss_text(loss: dict) -> str:
-    """The distillation loss of Eq. 3 in words, e.g. 'whitened MSE (per-pixel LayerNorm) + 10 x AT'."""
+    """The distillation loss of Eq. 3 in words, e.g. 'whitened MSE (per-pixel LayerNorm) + 10 x attention
+    transfer'."""
     terms = []
     if loss["mse_weight"] > 0:
         weight = "" if loss["mse_weight"] == 1 else f"{loss['mse_weight']:g} x "
