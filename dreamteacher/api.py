@@ -341,6 +341,27 @@ def _load_interpreter(interpreter, info: dict, specs):
     return head
 
 
+def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path, preset: str | None = None,
+                        overrides: list[str] | dict | None = None, progress: bool = True) -> float:
+    """Encode `data` with `teacher` into the offline feature cache `cache` (what `pretrain(cache=...)`
+    builds on first use), ahead of training: returns the seconds it took (0 when it was there)."""
+    import time
+
+    from dreamteacher.teachers.cache import open_cache, read_meta
+
+    config = build_config(preset, overrides)
+    teacher_model = load_teacher(teacher, config)
+    if not hasattr(teacher_model, "encode"):
+        raise UserError(f"--teacher {teacher} is a GAN: its dataset is synthesized online and has no feature cache")
+    teacher_model.check_resolution(*config.data.resolution)
+    images = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    existed = read_meta(Path(cache)) is not None
+    start = time.perf_counter()
+    device = torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    open_cache(cache, teacher, teacher_model, images, data, config.encode.cache_encodings, device, progress=progress)
+    return 0.0 if existed else time.perf_counter() - start
+
+
 def _cached_dataset(cache, teacher_path, teacher_model, images: ImageFolder, data, config: Config,
                     rebuild: bool, progress: bool):
     """The images paired with their cached teacher features; rank 0 builds a missing cache while the

@@ -270,6 +270,38 @@ def test_bench_device_moves_every_stage_without_touching_cpu_keys(scenes, tmp_pa
     assert gpu.overrides({"trainer": {"seed": 3}})["trainer"] == {"seed": 3, **DEVICE_SETTINGS["gpu"]["trainer"]}
 
 
+def test_bench_feature_cache_is_built_once_per_teacher_and_read_by_its_students(scenes, tmp_path):
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    recipe = write_recipe(tmp_path, images, masks)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["feature_cache"] = True
+    spec["rows"].append({"method": "dt-feat-untrained", "head": "upernet", "iterations": 2, "seeds": [0]})
+    recipe.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "bench"
+    result = bench(recipe, out, progress=False, rows=["dt-feat-untrained"], fractions=["1-30"])
+    caches = sorted((out / "runs").glob("cache-*"))
+    assert [c.name.startswith("cache-teacher-untrained-") for c in caches] == [True]  # one for both heads
+    meta = json.loads((caches[0] / "features" / "meta.json").read_text())
+    assert meta["key"]["num_images"] == 6 and meta["key"]["encodings"] == 4
+    inputs = json.loads((out / "runs" / "pretrain-dt-feat-untrained" / "inputs.json").read_text())
+    assert inputs["cache"] == str((caches[0] / "features").resolve())  # the student never ran the teacher
+    row = result.rows[0]
+    assert set(row["pretrain_stages"]) == {"teacher", "cache", "student"}
+    assert row["pretrain_stages"]["cache"]["seconds"] > 0
+    assert row["pretrain_seconds"] >= sum(s["seconds"] for s in row["pretrain_stages"].values()) - 0.2
+    assert "from the offline feature cache (4 encodings per image)." in (out / "results.md").read_text()
+
+    # the online student of the same recipe without the cache is another stage (another result)
+    spec["feature_cache"] = False
+    recipe.write_text(yaml.safe_dump(spec))
+    online = bench(recipe, tmp_path / "online", progress=False, rows=["dt-feat-untrained"], fractions=["1-30"])
+    assert set(online.rows[0]["pretrain_stages"]) == {"teacher", "student"}
+    assert json.loads((tmp_path / "online" / "runs" / "pretrain-dt-feat-untrained" / "inputs.json").read_text()
+                      )["cache"] is None
+
+
 def test_bench_denoising_rows_start_from_the_pretrained_decoder(scenes, tmp_path):
     from dreamteacher.bench.runner import bench
 

@@ -73,7 +73,9 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         f"- Pretraining (`{pre['preset']}` preset): teacher {pre['teacher_steps']} steps"
         + (f" on {pre['teacher_crop'][0]}x{pre['teacher_crop'][1]} crops" if pre.get("teacher_crop") else "")
         + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}"
-        + (f", loss {_loss_text(pre['loss'])}." if pre.get("loss") else ".")
+        + (f", loss {_loss_text(pre['loss'])}" if pre.get("loss") else "")
+        + (f", from the offline feature cache ({pre['cache_encodings']} encodings per image)."
+           if pre.get("cache_encodings") else ".")
         + (f" `dt-feat-gan`: a StyleGAN2 teacher instead ({gan['iterations']} iterations on the same images), "
            f"its student {gan['student_epochs']} epochs on the images it synthesizes, levels {gan['blocks']}."
            if gan and any(row["method"] == "dt-feat-gan" for row in rows) else ""),

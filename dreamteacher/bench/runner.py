@@ -248,8 +248,36 @@ class Bench:
             trained["teacher_seconds"] = teacher["seconds"]
         return trained
 
+    def cache_stage(self, teacher: dict, preset: str | None, overrides: dict, allow_run: bool) -> dict | None:
+        """The offline feature cache of `teacher` on the unlabeled images (K encodings per image),
+        shared by every row that distills this teacher with these encoding settings."""
+        from dreamteacher import api
+        from dreamteacher.config import build_config
+
+        config = build_config(preset, overrides).to_dict()
+        unlabeled = self.path("unlabeled")
+        key = digest("cache", teacher["key"], config["encode"], config["data"]["resolution"],
+                     folder_fingerprint(unlabeled))
+        name = f"cache-{Path(teacher['teacher']).parent.name}-{key[:8]}"
+        if name in self._stages:
+            return self._stages[name]
+
+        def run(folder: Path, resume: bool) -> dict:
+            self.log(f"[bench] encoding the images into the feature cache {folder / 'features'}")
+            seconds = api.build_feature_cache(unlabeled, folder / "features", teacher["teacher"], preset, overrides,
+                                              progress=self.progress)
+            return {"cache": str(folder / "features"), "seconds": seconds}
+
+        result = Stage(self.runs / name, key, run).result(allow_run)
+        if result is not None:
+            self._stages[name] = result
+        return result
+
     def distill_stage(self, method: str, teacher: dict | None, allow_run: bool,
-                      interpreter: dict | None = None) -> dict | None:
+                      interpreter: dict | None = None, cacheable: bool = True) -> dict | None:
+        """A student distilled from `teacher` (with label distillation from `interpreter` when given);
+        from the offline feature cache when the recipe sets `feature_cache: true` and the teacher is a
+        diffusion model (`cacheable`), else online."""
         if teacher is None:
             return None
         from dreamteacher import api
@@ -258,22 +286,32 @@ class Bench:
         preset, overrides = self.pretrain_config(method)
         config = build_config(preset, overrides).to_dict()
         unlabeled = self.path("unlabeled")
-        # online feature distillation: the cache, denoising, contrastive and label-distillation settings
-        # play no part, nor the teacher's own (its key covers them)
-        drop = {"denoise": None, "contrast": None, "gan": None, "encode": ("cache_encodings",)}
+        cache = None
+        if cacheable and self.spec.get("feature_cache"):
+            cache = self.cache_stage(teacher, preset, overrides, allow_run)
+            if cache is None:
+                return None
+        # the denoising, contrastive and label-distillation settings play no part, nor the teacher's own
+        # (its key covers them), nor the number of cached encodings when distilling online
+        drop = {"denoise": None, "contrast": None, "gan": None}
+        if cache is None:
+            drop["encode"] = ("cache_encodings",)
         if interpreter is None:
             drop["loss"] = ("ld_weight", "ld_temperature")
         settings = result_settings(config, drop)
         parts = [method, teacher["key"], settings, folder_fingerprint(unlabeled)]
+        if cache is not None:
+            parts.append(cache["key"])
         key = digest(*parts, interpreter["key"]) if interpreter else digest(*parts)
         folder_name = f"pretrain-{method}" + (f"-{Path(interpreter['interpreter']).name}" if interpreter else "")
 
         def run(folder: Path, resume: bool) -> dict:
-            self.log(f"[bench] pretraining '{method}' in {folder}")
+            self.log(f"[bench] pretraining '{method}' in {folder}" + (" from the feature cache" if cache else ""))
             result = api.pretrain(unlabeled, folder, teacher=teacher["teacher"],
                                   method="dt-mix" if interpreter else "dt-feat", preset=preset, overrides=overrides,
                                   resume=resume, progress=self.progress,
-                                  interpreter=interpreter["interpreter"] if interpreter else None)
+                                  interpreter=interpreter["interpreter"] if interpreter else None,
+                                  cache=cache["cache"] if cache else None)
             summary = api.read_summary(folder) or {}
             files = {name: str(path) for name, path in result.files.items()}
             return {**files, "seconds": result.seconds, "steps": result.steps, "epochs": summary.get("epochs")}
@@ -282,6 +320,8 @@ class Bench:
         if student is None:
             return None
         stages = {"teacher": {k: teacher[k] for k in ("seconds", "steps", "epochs")}}
+        if cache is not None:  # each row that reads it would have had to build it
+            stages["cache"] = {"seconds": cache["seconds"]}
         if interpreter:
             stages["interpreter"] = {"seconds": interpreter["seconds"], "steps": interpreter["iterations"]}
         stages["student"] = {k: student[k] for k in ("seconds", "steps", "epochs")}
@@ -438,7 +478,7 @@ def _dt_feat(bench: Bench, allow_run: bool) -> dict | None:
 
 def _dt_feat_gan(bench: Bench, allow_run: bool) -> dict | None:
     """Feature distillation from a StyleGAN2 trained on the same images, on its synthesized dataset."""
-    return bench.distill_stage("dt-feat-gan", bench.gan_teacher_stage(allow_run), allow_run)
+    return bench.distill_stage("dt-feat-gan", bench.gan_teacher_stage(allow_run), allow_run, cacheable=False)
 
 
 def _dt_feat_untrained(bench: Bench, allow_run: bool) -> dict | None:
@@ -593,7 +633,8 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
                      "student": pre.student.backbone, "teacher_steps": pre.teacher_train.max_steps,
                      "teacher_crop": pre.teacher_train.crop, "epochs": pre.optim.epochs, "t": pre.encode.t,
                      "blocks": pre.encode.blocks,
-                     "loss": {k: getattr(pre.loss, k) for k in ("mse_weight", "at_weight", "whiten")}},
+                     "loss": {k: getattr(pre.loss, k) for k in ("mse_weight", "at_weight", "whiten")},
+                     "cache_encodings": pre.encode.cache_encodings if spec.get("feature_cache") else None},
         "finetune": {"preset": spec.get("finetune_preset"), "iterations": spec["iterations"],
                      "batch_size": fine.optim.batch_size, "optimizer": fine.optim.name, "lr": fine.optim.lr,
                      "decoder_channels": fine.model.decoder_channels},
