@@ -1,9 +1,9 @@
 """Issue-3 investigation: do the distillation settings the paper leaves to the user (t, which teacher
 blocks, the MSE / attention-transfer weights) close the gap to +5 mIoU at 1/30?
 
-Distills a trained camvid-cpu teacher into the recipe's ResNet-18 student (the preset's epochs: 45 until 70 was chosen with it) with the given
-`--set` overrides on top of the camvid-cpu preset, fine-tunes at 1/30 with the recipe's cell settings
-(seeds 0-2) and scores each cell on the 275 labeled train/ images outside the 1/4 split (where a
+Distills a trained camvid-cpu teacher into the recipe's ResNet-18 student (the preset's epochs: 45
+until this script chose 70) with the given `--set` overrides on top of the camvid-cpu preset,
+fine-tunes at 1/30 with the recipe's cell settings (seeds 0-2) and scores each cell on the 275 labeled train/ images outside the 1/4 split (where a
 user would choose settings) and on val/ (the benchmark's split: reported, not chosen on). With
 `--cache` the student reads the offline feature cache (K=4 encodings per image, built once per t and
 blocks in `OUT/caches/`; the teacher then does not run while the student trains: 7 minutes instead

@@ -2,8 +2,8 @@
 
 Trains the camvid-cpu teacher with STEPS steps (the recipe: 1800) on CROP crops (the recipe: 48x64 of
 the 96x128 frame; `--crop 96 128` trains on whole frames), distills it into the recipe's ResNet-18
-student (the preset's epochs; 45 when it was run), fine-tunes at 1/30 with the recipe's cell settings (seeds 0-2) and scores on
-val/. Resumable: finished stages and cells are skipped.
+student (the preset's epochs; 45 when it was run), fine-tunes at 1/30 with the recipe's cell
+settings (seeds 0-2) and scores on val/. Resumable: finished stages and cells are skipped.
 
     python benchmarks/experiments/teacher_length.py 5400
     python benchmarks/experiments/teacher_length.py 1800 --crop 96 128 --device gpu --data-root ROOT
