@@ -341,6 +341,11 @@ def _load_interpreter(interpreter, info: dict, specs):
     return head
 
 
+def _encoding_device(config: Config) -> torch.device:
+    """Where the teacher encodes the feature cache: the run's GPU when it has one."""
+    return torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path, preset: str | None = None,
                         overrides: list[str] | dict | None = None, progress: bool = True) -> float:
     """Encode `data` with `teacher` into the offline feature cache `cache` (what `pretrain(cache=...)`
@@ -357,7 +362,7 @@ def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path
     images = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     existed = read_meta(Path(cache)) is not None
     start = time.perf_counter()
-    device = torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    device = _encoding_device(config)
     open_cache(cache, teacher, teacher_model, images, data, config.encode.cache_encodings, device, progress=progress)
     return 0.0 if existed else time.perf_counter() - start
 
@@ -370,7 +375,7 @@ def _cached_dataset(cache, teacher_path, teacher_model, images: ImageFolder, dat
 
     from dreamteacher.teachers.cache import CachedFeatures, open_cache, wait_for_cache
 
-    device = torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    device = _encoding_device(config)
     if rank_zero_only.rank == 0:
         meta = open_cache(cache, teacher_path, teacher_model, images, data, config.encode.cache_encodings, device,
                           rebuild=rebuild, progress=progress)

@@ -138,6 +138,10 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     assert tuned.init["decoder_init"] == "pretrained"
     assert api.info(run.files["decoder"])["kind"].startswith("UperNet decoder and head export")
     assert api.info(tmp_path / "interp")["method"] == "interpreter"
+    assert {"decoder.fusion_block.0", "decoder.feature_norms.0"} <= set(tuned.init["decoder_random_layers"])
+    with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):
+        ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg5", decoder=run.files["decoder"],
+                    progress=False, **{**seg, "data": {**seg["data"], "num_classes": 5}})
 
     # from the offline feature cache (the bench's dt-mix rows): the interpreter reads the cached features
     cached = api.pretrain(unlabeled, tmp_path / "mix-cached", method="dt-mix", interpreter=tmp_path / "interp",
@@ -145,10 +149,6 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     assert (tmp_path / "cache" / "meta.json").is_file() and math.isfinite(cached.final_loss)
     logged = [row for row in csv.DictReader(open(cached.run_dir / "logs" / "metrics.csv")) if row.get("train/ld")]
     assert logged and all(float(row["train/ld"]) > 0 for row in logged)
-    assert {"decoder.fusion_block.0", "decoder.feature_norms.0"} <= set(tuned.init["decoder_random_layers"])
-    with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):
-        ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg5", decoder=run.files["decoder"],
-                    progress=False, **{**seg, "data": {**seg["data"], "num_classes": 5}})
 
     with pytest.raises(UserError, match="reads blocks \\[0, 2, 4\\] at t=50"):
         api.pretrain(unlabeled, tmp_path / "x", method="dt-mix", interpreter=tmp_path / "interp",
