@@ -55,6 +55,9 @@ class TeacherTrainConfig:
     # [height, width] random crop of each image (at data.resolution) per step; [] trains on whole
     # images. Crops keep the object scale the teacher will encode at, for a fraction of the cost.
     crop: list[int] = field(default_factory=list)
+    # Lightning precision of the teacher's training; "" uses trainer.precision. "bf16-mixed" on a CPU
+    # with avx512_bf16 or AMX: 1.7x faster steps for the cpu-small U-Net (emulated and slower without).
+    precision: str = ""
 
 
 @dataclass
@@ -149,6 +152,10 @@ class OptimConfig:
     epochs: int = 200
     warmup_epochs: int = 30
     max_steps: int = -1  # > 0 caps the run (smoke tests, demos)
+
+
+# Lightning's precision names (and their short forms)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "bf16", "16", "64")
 
 
 @dataclass
@@ -337,6 +344,10 @@ def validate(config: Config) -> None:
         raise UserError(f"contrast.crop_scale must be [low, high] with 0 < low <= high <= 1, got {c.crop_scale}")
     if c.queue_size < 1 or c.temperature <= 0 or not 0 <= c.momentum <= 1:
         raise UserError("contrast: queue_size must be >= 1, temperature > 0 and momentum in [0, 1]")
+    for name, value in (("trainer.precision", config.trainer.precision),
+                        ("teacher_train.precision", config.teacher_train.precision or config.trainer.precision)):
+        if value not in PRECISIONS:
+            raise UserError(f"{name} must be one of {', '.join(PRECISIONS)}, got '{value}'")
     if config.loss.mse_weight < 0 or config.loss.at_weight < 0:
         raise UserError("loss.mse_weight and loss.at_weight must be >= 0")
     if config.loss.mse_weight == 0 and config.loss.at_weight == 0:

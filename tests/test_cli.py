@@ -52,6 +52,30 @@ def test_train_teacher_writes_a_diffusers_pipeline(trained):
     assert list((trained / "teacher" / "logs").glob("events.out.tfevents.*"))
 
 
+def test_teacher_trains_in_its_own_precision(tmp_path, monkeypatch):
+    """teacher_train.precision=bf16-mixed: the teacher's trainer autocasts while trainer.precision
+    (the student's) stays, its clipped steps run, and the saved pipeline holds fp32 weights."""
+    import csv
+
+    from diffusers import DDPMPipeline
+
+    from dreamteacher.train import engine
+
+    precisions = []
+    build_trainer = engine.build_trainer
+    monkeypatch.setattr(engine, "build_trainer", lambda t, *a, **k: precisions.append(t.precision) or build_trainer(t, *a, **k))
+    images = write_images(tmp_path / "images")
+    assert main(["train-teacher", "--data", str(images), "--out", str(tmp_path / "teacher"), "--no-progress",
+                 *sets("teacher_train.precision=bf16-mixed")]) == 0
+    assert precisions == ["bf16-mixed"]
+    assert "precision: 32-true" in (tmp_path / "teacher" / "config.yaml").read_text()
+    unet = DDPMPipeline.from_pretrained(tmp_path / "teacher" / "teacher").unet
+    assert next(unet.parameters()).dtype == torch.float32
+    with open(tmp_path / "teacher" / "logs" / "metrics.csv") as f:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row["train/loss"]]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
+
 def test_sample_writes_a_png_grid(trained):
     out = trained / "samples.png"
     assert main(["sample", str(trained / "teacher"), "--out", str(out), "--num", "4", "--steps", "3"]) == 0

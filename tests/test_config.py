@@ -33,6 +33,8 @@ def test_dotted_overrides_and_base_presets():
     ("data.resolution=[72,96]", "divisible by 16"),
     ("loss.at_weight=-1", "loss.mse_weight and loss.at_weight must be >= 0"),
     ("loss.whiten=channel", "loss.whiten must be 'pixel' or 'layer', got 'channel'"),
+    ("teacher_train.precision=bf8", "teacher_train.precision must be one of 32-true, bf16-mixed"),
+    ("trainer.precision=half", "trainer.precision must be one of"),
     ("optim=3", "is a section"),
     ("encode.t", "key=value"),
 ])

@@ -73,8 +73,9 @@ class TeacherTraining(L.LightningModule):
 
     def configure_optimizers(self):
         tt = self.config.teacher_train
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tt.lr, weight_decay=tt.weight_decay,
-                                      **fused_adam(self.unet))
+        # Lightning refuses to clip the gradients of a fused optimizer under mixed precision
+        fused = {} if "mixed" in str(self.trainer.precision) else fused_adam(self.unet)
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tt.lr, weight_decay=tt.weight_decay, **fused)
         warmup = min(tt.warmup_steps, self.total_steps // 10)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
