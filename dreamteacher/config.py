@@ -56,7 +56,7 @@ class TeacherTrainConfig:
     # images. Crops keep the object scale the teacher will encode at, for a fraction of the cost.
     crop: list[int] = field(default_factory=list)
     # Lightning precision of the teacher's training; "" uses trainer.precision. "bf16-mixed" on a CPU
-    # with avx512_bf16 or AMX: 1.7x faster steps for the cpu-small U-Net (emulated and slower without).
+    # with avx512_bf16 or AMX: 1.55x faster steps for the cpu-small U-Net (emulated and slower without).
     precision: str = ""
 
 
