@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,8 +70,7 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     gan = kind == "stylegan2"
     # a GAN iteration steps two optimizers, and Lightning counts optimizer steps
     optimizer_steps = tt.max_steps * (2 if gan else 1)
-    trainer_config = replace(config.trainer, precision=tt.precision or config.trainer.precision)
-    trainer = engine.build_trainer(trainer_config, run_dir, optimizer_steps, tt.batch_size, progress)
+    trainer = engine.build_trainer(config.teacher_trainer(), run_dir, optimizer_steps, tt.batch_size, progress)
     loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size")
     if gan:
         from dreamteacher.teachers.stylegan2 import GanTraining, level_sizes

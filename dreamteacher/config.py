@@ -195,6 +195,10 @@ class Config(Sections):
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def teacher_trainer(self) -> TrainerConfig:
+        """The trainer settings of the teacher's own training: `trainer`, in `teacher_train.precision` when set."""
+        return dataclasses.replace(self.trainer, precision=self.teacher_train.precision or self.trainer.precision)
+
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -345,7 +349,7 @@ def validate(config: Config) -> None:
     if c.queue_size < 1 or c.temperature <= 0 or not 0 <= c.momentum <= 1:
         raise UserError("contrast: queue_size must be >= 1, temperature > 0 and momentum in [0, 1]")
     for name, value in (("trainer.precision", config.trainer.precision),
-                        ("teacher_train.precision", config.teacher_train.precision or config.trainer.precision)):
+                        ("teacher_train.precision", config.teacher_trainer().precision)):
         if value not in PRECISIONS:
             raise UserError(f"{name} must be one of {', '.join(PRECISIONS)}, got '{value}'")
     if config.loss.mse_weight < 0 or config.loss.at_weight < 0:
