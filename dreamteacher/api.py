@@ -231,7 +231,8 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     check_backbone_name(config.student.backbone)
     distills = method in ("dt-feat", "dt-mix")
     contrastive = method in CONTRASTIVE
-    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip and not contrastive)
+    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip and not contrastive,
+                          crop=config.denoise.crop if method in ("dep", "ddep") else None)
     if contrastive:
         from dreamteacher.data.views import TwoViews
 

@@ -107,6 +107,9 @@ class DenoiseConfig:
     target: str = "eps"  # "eps" (Eq. 4) or "x", the clean image (Table 7)
     ddpm_scaling: bool = False  # Eq. 2: sqrt(g) x + sqrt(1 - g) eps at the same signal-to-noise ratio
     unet_width: int = 64  # finest decoder block; blocks [16, 8, 4, 2, 1] x this (64: the paper's "1x")
+    # [height, width] random crop of each image (at data.resolution) per step, divisible by 32 (the
+    # encoder's stride); [] trains on whole images. More steps in the same time at the same object scale.
+    crop: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -372,6 +375,9 @@ def validate(config: Config) -> None:
         raise UserError(f"teacher_train.crop must be [height, width] within data.resolution {res} and "
                         f"divisible by {factor}, got {crop}")
     dn = config.denoise
+    if dn.crop and not (len(dn.crop) == 2 and all(0 < c <= r and c % 32 == 0 for c, r in zip(dn.crop, res))):
+        raise UserError(f"denoise.crop must be [height, width] within data.resolution {res} and "
+                        f"divisible by 32, got {dn.crop}")
     if dn.target not in ("eps", "x"):
         raise UserError(f"denoise.target must be 'eps' or 'x', got '{dn.target}'")
     bad_range = dn.sigma_range and not (len(dn.sigma_range) == 2 and 0 <= dn.sigma_range[0] < dn.sigma_range[1])

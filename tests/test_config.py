@@ -35,6 +35,7 @@ def test_dotted_overrides_and_base_presets():
     ("loss.whiten=channel", "loss.whiten must be 'pixel' or 'layer', got 'channel'"),
     ("teacher_train.precision=bf8", "teacher_train.precision must be one of 32-true, bf16-mixed"),
     ("trainer.precision=half", "trainer.precision must be one of"),
+    ("denoise.crop=[48,64]", "denoise.crop must be .height, width. within data.resolution .* divisible by 32"),
     ("optim=3", "is a section"),
     ("encode.t", "key=value"),
 ])

@@ -55,3 +55,21 @@ def test_resize_keeps_aspect_by_center_crop(tmp_path):
     Image.fromarray(img).save(tmp_path / "wide.png")
     out = ImageFolder(tmp_path, [16, 16], hflip=False)[0]
     assert float(out.mean()) > 0.9
+
+
+def test_random_crops_are_windows_of_the_resized_image(tmp_path):
+    ramp = np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (32, 64, 3)).copy()
+    ramp[:, :, 1] = np.arange(0, 256, 8, dtype=np.uint8)[:, None]  # rows in green, columns in red
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    whole = ImageFolder(tmp_path, [32, 64], hflip=False)[0]
+    cropped = ImageFolder(tmp_path, [32, 64], hflip=False, crop=[16, 32])
+    corners = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        crop = cropped[0]
+        assert crop.shape == (3, 16, 32)
+        top = int(torch.isclose(whole[1, :, 0], crop[1, 0, 0]).nonzero()[0])
+        left = int(torch.isclose(whole[0, 0], crop[0, 0, 0]).nonzero()[0])
+        assert torch.equal(crop, whole[:, top:top + 16, left:left + 32])
+        corners.add((top, left))
+    assert len(corners) > 5  # drawn at random, not a fixed window

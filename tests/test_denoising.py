@@ -80,11 +80,16 @@ def test_dep_trains_the_whole_unet_and_exports_backbone_and_decoder(dep_run):
     assert any(not torch.equal(untrained[k], weights[k]) for k in untrained if k in weights)
 
 
-def test_ddep_freezes_the_encoder_and_its_batchnorm_statistics(dep_run, tmp_path):
+def test_ddep_freezes_the_encoder_and_its_batchnorm_statistics(dep_run, tmp_path, monkeypatch):
     root, dep = dep_run
     encoder = dep.files["backbone"]
-    result = api.pretrain(root / "images", tmp_path / "ddep", method="ddep", encoder=encoder, overrides=DENOISE,
-                          progress=False)
+    seen = []  # image sizes the denoiser trains on: random 32x32 crops of the 32x64 frames
+    compute_losses = DenoisingPretraining.compute_losses
+    monkeypatch.setattr(DenoisingPretraining, "compute_losses",
+                        lambda self, batch: seen.append(batch["images"].shape[-2:]) or compute_losses(self, batch))
+    result = api.pretrain(root / "images", tmp_path / "ddep", method="ddep", encoder=encoder, progress=False,
+                          overrides=DENOISE + ["data.resolution=[32,64]", "denoise.crop=[32,32]"])
+    assert seen and set(seen) == {(32, 32)}
     _, before, _ = read_backbone_export(encoder)
     _, after, _ = read_backbone_export(result.files["backbone"])
     assert any(k.endswith("running_mean") for k in before)

@@ -61,7 +61,7 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     fractions = [f for f in FRACTION_ORDER if any(s["fraction"] == f for s in summary)]
     labeled = {s["fraction"]: s["labeled"] for s in summary}
     by_key = {(s["method"], s["head"], s["fraction"]): s for s in summary}
-    pre, fine, gan = meta["pretrain"], meta["finetune"], meta.get("gan_teacher")
+    pre, fine, gan, dep = meta["pretrain"], meta["finetune"], meta.get("gan_teacher"), meta.get("dep")
     lines = [
         f"# Benchmark `{meta['recipe']}`",
         "",
@@ -78,7 +78,10 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
            if pre.get("cache_encodings") else ".")
         + (f" `dt-feat-gan`: a StyleGAN2 teacher instead ({gan['iterations']} iterations on the same images), "
            f"its student {gan['student_epochs']} epochs on the images it synthesizes, levels {gan['blocks']}."
-           if gan and any(row["method"] == "dt-feat-gan" for row in rows) else ""),
+           if gan and any(row["method"] == "dt-feat-gan" for row in rows) else "")
+        + (f" `dep`: the U-Net ({dep['unet_width']} wide) denoises at sigma {dep['sigma']:g} for {dep['epochs']} epochs"
+           + (f" of {dep['crop'][0]}x{dep['crop'][1]} crops." if dep.get("crop") else ".")
+           if dep and any(row["method"] == "dep" for row in rows) else ""),
         f"- Fine-tuning (`{fine['preset']}` preset): iterations per fraction {fine['iterations']}, batch "
         f"{fine['batch_size']}, {fine['optimizer']} lr {fine['lr']}, UperNet width {fine['decoder_channels']}; "
         f"seeds per fraction {meta['seeds']}.",

@@ -87,16 +87,18 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 class ImageFolder(Dataset):
-    """Images in [-1, 1], CHW, at a fixed resolution; random horizontal flip when `hflip`.
+    """Images in [-1, 1], CHW, at a fixed resolution; random horizontal flip when `hflip`, then a
+    random [height, width] `crop` of the resized image when given (the object scale is kept).
 
     Small folders are decoded once and kept in memory (they are re-read every epoch otherwise).
     """
 
     def __init__(self, folder: str | Path, resolution: list[int], hflip: bool = True,
-                 cache_in_memory: bool | None = None):
+                 cache_in_memory: bool | None = None, crop: list[int] | None = None):
         self.paths = list_images(folder)
         self.height, self.width = resolution
         self.hflip = hflip
+        self.crop = crop
         if cache_in_memory is None:  # ~190 KB per image at 256x256: as uint8: keep up to ~1 GB
             cache_in_memory = len(self.paths) * 3 * self.height * self.width <= 1 << 30
         self._cache: dict[int, torch.Tensor] | None = {} if cache_in_memory else None
@@ -118,6 +120,11 @@ class ImageFolder(Dataset):
         image = uint8_to_unit(self.load(index))
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
+        if self.crop:
+            height, width = self.crop
+            top = int(torch.randint(self.height - height + 1, ()))
+            left = int(torch.randint(self.width - width + 1, ()))
+            image = image[:, top:top + height, left:left + width]
         return image
 
 
