@@ -370,14 +370,12 @@ def validate(config: Config) -> None:
     if any(v % factor for v in res):
         raise UserError(f"data.resolution {res} must be divisible by {factor} "
                         f"(the U-Net halves it {levels - 1} times)")
-    crop = config.teacher_train.crop
-    if crop and not (len(crop) == 2 and all(0 < c <= r and c % factor == 0 for c, r in zip(crop, res))):
-        raise UserError(f"teacher_train.crop must be [height, width] within data.resolution {res} and "
-                        f"divisible by {factor}, got {crop}")
+    for name, crop, multiple in (("teacher_train.crop", config.teacher_train.crop, factor),
+                                 ("denoise.crop", config.denoise.crop, 32)):  # 32: the U-Net encoder's stride
+        if crop and not (len(crop) == 2 and all(0 < c <= r and c % multiple == 0 for c, r in zip(crop, res))):
+            raise UserError(f"{name} must be [height, width] within data.resolution {res} and "
+                            f"divisible by {multiple}, got {crop}")
     dn = config.denoise
-    if dn.crop and not (len(dn.crop) == 2 and all(0 < c <= r and c % 32 == 0 for c, r in zip(dn.crop, res))):
-        raise UserError(f"denoise.crop must be [height, width] within data.resolution {res} and "
-                        f"divisible by 32, got {dn.crop}")
     if dn.target not in ("eps", "x"):
         raise UserError(f"denoise.target must be 'eps' or 'x', got '{dn.target}'")
     bad_range = dn.sigma_range and not (len(dn.sigma_range) == 2 and 0 <= dn.sigma_range[0] < dn.sigma_range[1])

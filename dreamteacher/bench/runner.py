@@ -619,7 +619,7 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
 def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
     from dreamteacher.config import build_config
     from dreamteacher.downstream.finetune import build_finetune_config
-    from dreamteacher.methods.denoising import DEFAULT_SIGMA
+    from dreamteacher.methods.denoising import fixed_sigma
 
     pre = build_config(*bench_.pretrain_config())
     gan = build_config(*bench_.pretrain_config("gan-teacher"))
@@ -645,7 +645,7 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
         # dt-feat-gan's teacher is not the preset's diffusion U-Net: the table says what it is
         "gan_teacher": {"iterations": gan.teacher_train.max_steps, "student_epochs": gan_student.optim.epochs,
                         "blocks": gan_student.encode.blocks},
-        "dep": {"epochs": dep.optim.epochs, "crop": dep.denoise.crop, "sigma": dep.denoise.sigma or DEFAULT_SIGMA["dep"],
+        "dep": {"epochs": dep.optim.epochs, "crop": dep.denoise.crop, "sigma": fixed_sigma(dep, "dep"),
                 "unet_width": dep.denoise.unet_width},
         "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "python": platform.python_version()},

@@ -23,6 +23,11 @@ from dreamteacher.train.engine import seeded_noise
 DEFAULT_SIGMA = {"dep": 0.8, "ddep": 0.1}  # section 3.3
 
 
+def fixed_sigma(config: Config, method: str) -> float:
+    """The noise level of `method` (dep or ddep) when no `denoise.sigma_range` is drawn from."""
+    return config.denoise.sigma or DEFAULT_SIGMA[method]
+
+
 class DenoisingPretraining(PretrainMethod):
     """batch {"images" in [-1, 1], "noise" ~ N(0, I)} -> {"loss"}: Eq. 4 (or its x / DDPM variants)."""
 
@@ -31,10 +36,9 @@ class DenoisingPretraining(PretrainMethod):
         if method not in DEFAULT_SIGMA:
             raise ValueError(f"method must be dep or ddep, got {method}")
         super().__init__(config, method=method, extra={"encoder": encoder_source})
-        d = config.denoise
-        self.sigma = d.sigma or DEFAULT_SIGMA[method]
+        self.sigma = fixed_sigma(config, method)
         self.frozen_encoder = method == "ddep"
-        self.model = Segmenter("unet", config.student.backbone, num_classes=3, unet_width=d.unet_width)
+        self.model = Segmenter("unet", config.student.backbone, num_classes=3, unet_width=config.denoise.unet_width)
         if encoder_weights is not None:
             self.model.load_backbone(encoder_weights, encoder_source)
         if self.frozen_encoder:
