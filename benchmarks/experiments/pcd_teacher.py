@@ -1,0 +1,83 @@
+"""Issue-6 investigation: why does `pcd` not beat `scratch` on camvid-cpu? Two suspects.
+
+1. The teacher. PCD can hardly give a student more than its teacher knows, and the MoCo v3 ResNet-50
+   trained on 367 CamVid frames for 330 steps on 2 CPU cores barely lowered its loss (at the linear
+   scaling rule's LARS lr, the recipe's until this experiment answered). A linear readout
+   (frozen backbone, one 1x1 conv on its four levels, 100 iterations as the recipe's readout rows) at
+   1/30 of the labels, seeds 0-2, of: the teacher's base encoder against a randomly initialized
+   ResNet-50; the PCD student against a randomly initialized ResNet-18.
+2. The queue. 1024 pooled teacher vectors are 16 steps of 2 x 32 views, more than an epoch (11
+   steps): every image's own vectors from its previous epoch are always among its negatives. The
+   paper's 65536 on ImageNet's 1.28M images never holds them. `pcd-queue256` (4 steps) is the
+   recipe's pcd with a queue of 256, fine-tuned as the table's cells (UperNet, 300 iterations) next
+   to the recipe's pcd.
+
+Scores on val/ and on the held-out train/ images. The teacher and pcd stages are the bench's own
+(reused from, or written to, `--bench`, so a later `dreamteacher bench` reuses them); everything
+else goes to `--out`/pcd-teacher. Resumable.
+
+    python benchmarks/experiments/pcd_teacher.py --bench benchmarks/results/camvid-cpu
+"""
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from cells import heldout_miou_at_1_30, miou_at_1_30, recipe, root
+
+from dreamteacher.bench.runner import Bench, _deep_merge
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--bench", required=True, help="the camvid-cpu bench folder (its runs/ holds the stages)")
+parser.add_argument("--data-root", default=str(root))
+parser.add_argument("--out", default="benchmarks/experiments/runs")
+args = parser.parse_args()
+
+data = Path(args.data_root)
+out = Path(args.out) / "pcd-teacher"
+out.mkdir(parents=True, exist_ok=True)
+
+
+def bench(spec: dict, folder: Path) -> Bench:
+    return Bench(spec, folder, data, data / spec["data"]["eval_images"], data / spec["data"]["eval_masks"],
+                 progress=False)
+
+
+table = bench(recipe, Path(args.bench))
+teacher = table.own_stage("moco-teacher", "mocov3", None, True, overrides_name="moco-teacher")
+pcd = table.backbone_stage("pcd")
+variant_spec = copy.deepcopy(recipe)
+variant_spec["method_overrides"]["pcd-queue256"] = _deep_merge(recipe["method_overrides"]["pcd"],
+                                                               {"contrast": {"queue_size": 256}})
+pcd_queue256 = bench(variant_spec, out).own_stage("pcd-queue256", "pcd", teacher, True, overrides_name="pcd-queue256")
+
+result = {"stages_seconds": {"moco-teacher": teacher["stages"]["moco-teacher"]["seconds"],
+                             "pcd": pcd["stages"]["pcd"]["seconds"],
+                             "pcd-queue256": pcd_queue256["stages"]["pcd-queue256"]["seconds"]},
+          "val": {}, "heldout": {}}
+
+
+def score(name: str, backbone: str | None, overrides: dict) -> None:
+    result["val"][name] = miou_at_1_30(backbone, out / name, data_root=data, overrides=overrides)
+    result["heldout"][name] = heldout_miou_at_1_30(out / name, data_root=data)
+    result["means"] = {split: {n: round(sum(v) / len(v), 2) for n, v in scores.items()}
+                       for split, scores in (("val", result["val"]), ("heldout", result["heldout"]))}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(name, json.dumps({split: result["means"][split][name] for split in ("val", "heldout")}), flush=True)
+
+
+# the table's cells: UperNet, NormRescale as the recipe's pcd row
+pcd_row = next(row for row in recipe["rows"] if row["method"] == "pcd")
+for name, stage in (("finetune_pcd_queue1024", pcd), ("finetune_pcd_queue256", pcd_queue256)):
+    score(name, stage["backbone"], pcd_row.get("finetune_overrides", {}))
+
+readouts = {  # name -> (backbone file or None for random init, architecture)
+    "readout_moco_teacher_resnet50": (teacher["backbone"], "resnet50"),
+    "readout_random_resnet50": (None, "resnet50"),
+    "readout_pcd_student_resnet18": (pcd["backbone"], "resnet18"),
+    "readout_random_resnet18": (None, "resnet18"),
+}
+for name, (backbone, arch) in readouts.items():
+    score(name, backbone, {"model": {"head": "readout", "backbone": arch}, "optim": {"iterations": 100}})
+print(json.dumps(result["means"], indent=2))
