@@ -82,7 +82,7 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     with warnings.catch_warnings():  # the GAN checkpoints hold the state after its steps, as intended
         warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, loader, ckpt_path=ckpt)
-    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    trainer.save_checkpoint(engine.checkpoint_path(run_dir), weights_only=False)
     steps = trainer.global_step // (2 if gan else 1)
     result = RunResult(run_dir, engine.checkpoint_path(run_dir), steps,
                        engine.training_seconds(trainer), _final_loss(trainer), {"teacher": run_dir / "teacher"})
@@ -158,7 +158,7 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
     with warnings.catch_warnings():  # engine.ResumeMidEpoch continues an interrupted epoch where it stopped
         warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
         trainer.fit(job.module, job.loader, ckpt_path=job.resume_from)
-    trainer.save_checkpoint(engine.checkpoint_path(job.run_dir))
+    trainer.save_checkpoint(engine.checkpoint_path(job.run_dir), weights_only=False)
     result = RunResult(job.run_dir, engine.checkpoint_path(job.run_dir), trainer.global_step,
                        engine.training_seconds(trainer), _final_loss(trainer))
     if trainer.is_global_zero:

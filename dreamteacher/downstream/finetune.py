@@ -260,7 +260,7 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
         if trainer.is_global_zero:
             write_text_atomic(init_file, json.dumps(init, indent=2))
     trainer.fit(module, loader, ckpt_path=ckpt)
-    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    trainer.save_checkpoint(engine.checkpoint_path(run_dir), weights_only=False)
     loss = trainer.callback_metrics.get("train/loss")
     result = FinetuneResult(run_dir, run_dir / "segmenter.safetensors", trainer.global_step,
                             engine.training_seconds(trainer), float(loss) if loss is not None else None, init)

@@ -191,7 +191,7 @@ def train_interpreter(teacher: str | Path, images: str | Path, masks: str | Path
     module.total_steps = iterations
     module.warmup_steps = round(iterations * o.warmup_epochs / o.epochs)
     trainer.fit(module, loader, ckpt_path=ckpt)
-    trainer.save_checkpoint(engine.checkpoint_path(run_dir))
+    trainer.save_checkpoint(engine.checkpoint_path(run_dir), weights_only=False)
     loss = trainer.callback_metrics.get("train/loss")
     result = InterpreterResult(run_dir, run_dir / WEIGHTS_FILE, trainer.global_step, engine.training_seconds(trainer),
                                float(loss) if loss is not None else None, absent)
