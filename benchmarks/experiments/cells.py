@@ -3,6 +3,7 @@ recipe's cell settings (300 iterations, seeds 0-2) and score it on val/ and on h
 images. Resumable per cell. `device` is the bench's (`DEVICE_SETTINGS`), `root` the dataset root
 (default: the recipe's)."""
 
+import json
 from pathlib import Path
 
 import dreamteacher as dt
@@ -59,3 +60,17 @@ def heldout_miou_at_1_30(out: Path, seeds=(0, 1, 2), data_root: Path | None = No
     split = heldout_split(out, data)
     return [dt.evaluate(out / f"1-30-seed{seed}", data / "train", data / "trainannot", split=split).miou
             for seed in seeds]
+
+
+def score_into(result: dict, out: Path, name: str, backbone: str | Path | None, overrides: dict,
+               data_root: Path | None = None) -> float:
+    """Fine-tunes `name` at 1/30 into `out`/`name`, adds its val/ and held-out scores and every run's
+    means to `result`, rewrites `out`/result.json (partial results survive a stop) and returns the
+    held-out mean."""
+    result.setdefault("val", {})[name] = miou_at_1_30(backbone, out / name, data_root=data_root, overrides=overrides)
+    result.setdefault("heldout", {})[name] = heldout_miou_at_1_30(out / name, data_root=data_root)
+    result["means"] = {split: {n: round(sum(v) / len(v), 2) for n, v in result[split].items()}
+                       for split in ("val", "heldout")}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(name, json.dumps({split: result["means"][split][name] for split in ("val", "heldout")}), flush=True)
+    return result["means"]["heldout"][name]

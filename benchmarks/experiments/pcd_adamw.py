@@ -11,10 +11,9 @@ cells (no NormRescale: the weights are not LARS-trained). Work in `--out`/pcd-ad
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
-from cells import heldout_miou_at_1_30, miou_at_1_30, recipe, root
+from cells import recipe, root, score_into
 
 from dreamteacher.bench.runner import Bench
 
@@ -34,13 +33,7 @@ result = {"optim": adamw, "val": {}, "heldout": {}, "seconds": {}}
 
 
 def score(name: str, backbone: str | None, overrides: dict) -> float:
-    result["val"][name] = miou_at_1_30(backbone, out / name, data_root=data, overrides=overrides)
-    result["heldout"][name] = heldout_miou_at_1_30(out / name, data_root=data)
-    result["means"] = {split: {n: round(sum(v) / len(v), 2) for n, v in scores.items()}
-                       for split, scores in (("val", result["val"]), ("heldout", result["heldout"]))}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(name, json.dumps({split: result["means"][split][name] for split in ("val", "heldout")}), flush=True)
-    return result["means"]["heldout"][name]
+    return score_into(result, out, name, backbone, overrides, data)
 
 
 teacher = bench.own_stage("moco-teacher", "mocov3", None, True, overrides_name="moco-teacher")

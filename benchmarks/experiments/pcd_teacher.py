@@ -24,7 +24,7 @@ import copy
 import json
 from pathlib import Path
 
-from cells import heldout_miou_at_1_30, miou_at_1_30, recipe, root
+from cells import recipe, root, score_into
 
 from dreamteacher.bench.runner import Bench, _deep_merge
 
@@ -58,13 +58,8 @@ result = {"stages_seconds": {"moco-teacher": teacher["stages"]["moco-teacher"]["
           "val": {}, "heldout": {}}
 
 
-def score(name: str, backbone: str | None, overrides: dict) -> None:
-    result["val"][name] = miou_at_1_30(backbone, out / name, data_root=data, overrides=overrides)
-    result["heldout"][name] = heldout_miou_at_1_30(out / name, data_root=data)
-    result["means"] = {split: {n: round(sum(v) / len(v), 2) for n, v in scores.items()}
-                       for split, scores in (("val", result["val"]), ("heldout", result["heldout"]))}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(name, json.dumps({split: result["means"][split][name] for split in ("val", "heldout")}), flush=True)
+def score(name: str, backbone: str | None, overrides: dict) -> float:
+    return score_into(result, out, name, backbone, overrides, data)
 
 
 # the table's cells: UperNet, NormRescale as the recipe's pcd row
