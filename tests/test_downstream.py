@@ -236,6 +236,15 @@ def test_bench_runs_every_cell_writes_tables_and_resumes_without_recomputing(sce
     recipe.write_text(yaml.safe_dump(spec))
     bench(recipe, out, progress=False, rows=["scratch"])
     assert len(calls) == 1
+    # work folders gone (a fresh clone of committed results): rows not selected keep their reported
+    # cells, a selected row reports only what it has now
+    calls.clear()
+    shutil.rmtree(out / "runs")
+    result = bench(recipe, out, progress=False, rows=["scratch"], fractions=["1-30"], seeds=[0])
+    assert len(calls) == 1
+    kept = {(r["method"], r["fraction"], r.get("carried_over", False)) for r in result.rows}
+    assert kept == {("scratch", "1-30", False), ("dt-feat-untrained", "1-30", True), ("dt-feat-untrained", "full", True)}
+    assert "2 cells carried over from the previous results.json" in (out / "results.md").read_text()
 
 
 def test_bench_refuses_unknown_rows_and_missing_data(scenes, tmp_path):

@@ -120,6 +120,10 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
             means = [_mean_present([c["per_class"][i] for c in cells]) for i in range(len(names))]
             lines.append(f"| {method} | {head} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.1f}" for v in means)
                          + " |")
+    carried = sum(1 for row in rows if row.get("carried_over"))
+    if carried:
+        lines += ["", f"{carried} cells carried over from the previous results.json: their work folders were not "
+                  "on disk when this table was written (`carried_over` in results.json)."]
     lines += ["", f"Regenerate: `dreamteacher bench {meta['recipe']} --out DIR` (finished cells are reused)."]
     return "\n".join(lines) + "\n"
 

@@ -557,8 +557,9 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
     """Run (or continue) every selected cell of `recipe`; write OUT/results.{json,md,png}.
 
     `rows` selects by method (`dt-feat`) or method:head (`dt-feat:readout`). The results files always
-    cover every finished cell of the recipe, including cells from earlier invocations. `device` (cpu,
-    gpu) is where every stage runs.
+    cover every finished cell of the recipe, including cells from earlier invocations (from their work
+    folders, or from the previous results.json for rows not selected now). `device` (cpu, gpu) is where
+    every stage runs.
     """
     from dreamteacher.bench.report import write_results
 
@@ -611,9 +612,29 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
                 cell = bench_.cell(row, fraction, seed, backbone, allow_run=run_now) if backbone else None
                 if cell is not None:
                     results.append(cell)
+    results += _carried_over(out, spec["rows"], wanted_rows, results)
     meta = _bench_meta(spec, bench_, root, time.perf_counter() - started)
     files = write_results(out, meta, results)
     return BenchResult(out, results, files)
+
+
+def _carried_over(out: Path, recipe_rows: list[dict], wanted_rows: list[dict], results: list[dict]) -> list[dict]:
+    """Cells of the previous OUT/results.json whose work folders are gone (deleted to free disk, or a
+    fresh clone of a committed table): kept, marked `carried_over`, for recipe rows this invocation did
+    not select. A selected row is always reported from its current cells only, so a changed recipe
+    never leaves stale numbers beside new ones."""
+    previous = out / "results.json"
+    if not previous.is_file():
+        return []
+    try:
+        old_cells = json.loads(previous.read_text()).get("rows", [])
+    except json.JSONDecodeError as err:
+        raise UserError(f"{previous}: not a results file ({err}); move it away to rebuild the table") from err
+    unselected = {(r["method"], r.get("head", "upernet")) for r in recipe_rows if r not in wanted_rows}
+    present = {(c["method"], c["head"], c["fraction"], c["seed"]) for c in results}
+    return [{**cell, "carried_over": True} for cell in old_cells
+            if (cell["method"], cell["head"]) in unselected
+            and (cell["method"], cell["head"], cell["fraction"], cell["seed"]) not in present]
 
 
 def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
