@@ -12,11 +12,11 @@
    recipe's pcd with a queue of 256, fine-tuned as the table's cells (UperNet, 300 iterations) next
    to the recipe's pcd.
 
-Scores on val/ and on the held-out train/ images. The teacher and pcd stages are the bench's own
-(reused from, or written to, `--bench`, so a later `dreamteacher bench` reuses them); everything
-else goes to `--out`/pcd-teacher. Resumable.
+Scores on val/ and on the held-out train/ images. The recipe's contrastive rows as they were then
+(LARS at the linear scaling rule's lr, NormRescale x0.25 at fine-tuning; the recipe has used AdamW
+since pcd_adamw.py). Work in `--out`/pcd-teacher. Resumable.
 
-    python benchmarks/experiments/pcd_teacher.py --bench benchmarks/results/camvid-cpu
+    python benchmarks/experiments/pcd_teacher.py
 """
 
 import argparse
@@ -29,7 +29,6 @@ from cells import recipe, root, score_into
 from dreamteacher.bench.runner import Bench, _deep_merge
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--bench", required=True, help="the camvid-cpu bench folder (its runs/ holds the stages)")
 parser.add_argument("--data-root", default=str(root))
 parser.add_argument("--out", default="benchmarks/experiments/runs")
 args = parser.parse_args()
@@ -37,6 +36,12 @@ args = parser.parse_args()
 data = Path(args.data_root)
 out = Path(args.out) / "pcd-teacher"
 out.mkdir(parents=True, exist_ok=True)
+lars = {"moco-teacher": {"name": "lars", "base_lr": 0.6, "weight_decay": 1e-6},
+        "pcd": {"name": "lars", "base_lr": 1.0, "weight_decay": 1e-5}}
+lars_spec = copy.deepcopy(recipe)
+for method, optim in lars.items():
+    lars_spec["method_overrides"][method]["optim"].update(optim)
+norm_rescale = {"model": {"norm_rescale": 0.25}}
 
 
 def bench(spec: dict, folder: Path) -> Bench:
@@ -44,11 +49,11 @@ def bench(spec: dict, folder: Path) -> Bench:
                  progress=False)
 
 
-table = bench(recipe, Path(args.bench))
+table = bench(lars_spec, out)
 teacher = table.own_stage("moco-teacher", "mocov3", None, True, overrides_name="moco-teacher")
 pcd = table.backbone_stage("pcd")
-variant_spec = copy.deepcopy(recipe)
-variant_spec["method_overrides"]["pcd-queue256"] = _deep_merge(recipe["method_overrides"]["pcd"],
+variant_spec = copy.deepcopy(lars_spec)
+variant_spec["method_overrides"]["pcd-queue256"] = _deep_merge(lars_spec["method_overrides"]["pcd"],
                                                                {"contrast": {"queue_size": 256}})
 pcd_queue256 = bench(variant_spec, out).own_stage("pcd-queue256", "pcd", teacher, True, overrides_name="pcd-queue256")
 
@@ -62,10 +67,9 @@ def score(name: str, backbone: str | None, overrides: dict) -> float:
     return score_into(result, out, name, backbone, overrides, data)
 
 
-# the table's cells: UperNet, NormRescale as the recipe's pcd row
-pcd_row = next(row for row in recipe["rows"] if row["method"] == "pcd")
+# the table's cells (UperNet) with NormRescale, as the LARS pcd row had
 for name, stage in (("finetune_pcd_queue1024", pcd), ("finetune_pcd_queue256", pcd_queue256)):
-    score(name, stage["backbone"], pcd_row.get("finetune_overrides", {}))
+    score(name, stage["backbone"], norm_rescale)
 
 readouts = {  # name -> (backbone file or None for random init, architecture)
     "readout_moco_teacher_resnet50": (teacher["backbone"], "resnet50"),
