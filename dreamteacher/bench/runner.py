@@ -613,6 +613,8 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
                 if cell is not None:
                     results.append(cell)
     results += _carried_over(out, spec["rows"], wanted_rows, results)
+    order = {(r["method"], r.get("head", "upernet")): i for i, r in enumerate(spec["rows"])}
+    results.sort(key=lambda cell: order.get((cell["method"], cell["head"]), len(order)))  # the recipe's row order
     meta = _bench_meta(spec, bench_, root, time.perf_counter() - started)
     files = write_results(out, meta, results)
     return BenchResult(out, results, files)
