@@ -172,6 +172,7 @@ class TrainerConfig:
     channels_last: bool = False  # pretraining: NHWC student and its images (the teacher stays NCHW: GroupNorm)
     compile: bool = False  # pretraining: torch.compile student, regressor and the teacher block by block
     cudnn_benchmark: bool = True  # GPU: input shapes are fixed (resize, crops), so cuDNN times its kernels once
+    reuse_host_memory: bool = True  # glibc keeps freed buffers for the next step (engine.reuse_host_memory)
     seed: int = 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500

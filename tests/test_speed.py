@@ -24,3 +24,19 @@ def test_bench_speed_times_parts_whole_and_cache(tmp_path):
     assert 0 < flops["early_exit"] < flops["full"]  # the early exit skips the last decoder blocks
     text = format_speed(results)
     assert "whole / sum of parts" in text and "cache speedup" in text and "GFLOPs/image" in text
+
+
+def test_trainers_keep_freed_host_memory_unless_turned_off(tmp_path, monkeypatch):
+    import platform
+
+    from dreamteacher.config import TrainerConfig
+    from dreamteacher.train import engine
+
+    if platform.libc_ver()[0] == "glibc":
+        assert engine.reuse_host_memory()  # mallopt accepted both settings
+    calls = []
+    monkeypatch.setattr(engine, "reuse_host_memory", lambda: calls.append(1) or True)
+    engine.build_trainer(TrainerConfig(accelerator="cpu", devices=1), tmp_path / "on", 1, 2, progress=False)
+    engine.build_trainer(TrainerConfig(accelerator="cpu", devices=1, reuse_host_memory=False), tmp_path / "off", 1, 2,
+                         progress=False)
+    assert calls == [1]
