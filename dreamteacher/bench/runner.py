@@ -61,7 +61,7 @@ def digest(*parts: Any) -> str:
 DEVICE_SETTINGS = {"cpu": {}, "gpu": {"trainer": {"accelerator": "gpu", "devices": 1}, "data": {"num_workers": 4}}}
 
 # Settings that change how fast a stage runs, not what it computes: left out of stage keys.
-EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark")}
+EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark", "reuse_host_memory")}
 
 
 def result_settings(config: dict, drop: dict[str, tuple[str, ...] | None] | None = None) -> dict:

@@ -149,8 +149,8 @@ def reuse_host_memory() -> bool:
     """Make glibc malloc keep freed host memory for reuse: blocks up to 256 MiB from the heap (not
     mmap) and a heap that is never trimmed. By default every CPU step's large buffers (a ResNet-18's
     stem activations and their gradients, 12 MB each at batch 16 x 96x128) are unmapped when freed
-    and page-faulted back, zero-filled by the kernel, on the next step: 15-20% of a cpu-small student
-    step on 2 cores (benchmarks/README, Speed). Process-wide, the effect of the MALLOC_MMAP_THRESHOLD_
+    and page-faulted back, zero-filled by the kernel, on the next step: about 5% of a cpu-small step
+    on 2 cores (benchmarks/README, Speed). Process-wide, the effect of the MALLOC_MMAP_THRESHOLD_
     and MALLOC_TRIM_THRESHOLD_ environment variables; False where the C library has no mallopt
     (musl, macOS), which then keeps its own behaviour."""
     try:
