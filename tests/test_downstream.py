@@ -356,6 +356,9 @@ def test_bench_contrastive_rows_train_a_moco_teacher_then_pcd(scenes, tmp_path):
     assert teacher == str((runs / "pretrain-moco-teacher").resolve())
     init = json.loads((runs / "cells" / "pcd--upernet" / "1-30-seed0" / "init.json").read_text())
     assert init["backbone_init"] == "pretrained" and init["norm_rescale"] == 0.25
+    table = (tmp_path / "bench" / "results.md").read_text()  # the table says what they trained with
+    assert "`mocov3`: MoCo v3 on the test_resnet itself, 1 epochs, lars base lr 1" in table
+    assert "distilled by PCD (1 epochs, lars base lr 1 (x batch" in table and "queue 8)" in table
 
 
 def test_bench_gan_row_trains_a_stylegan2_then_distills_its_samples(scenes, tmp_path):

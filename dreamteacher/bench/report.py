@@ -56,6 +56,25 @@ def _loss_text(loss: dict) -> str:
     return " + ".join(terms)
 
 
+def _contrastive_text(settings: dict | None, methods: set[str]) -> str:
+    """What the contrastive rows trained with, e.g. ' `pcd`: a MoCo v3 resnet50 teacher (30 epochs) ...'."""
+    if not settings:
+        return ""
+
+    def optim(s: dict) -> str:
+        return f"{s['optimizer']} base lr {s['base_lr']:g} (x batch {s['batch_size']} / 256), wd {s['weight_decay']:g}"
+
+    text = ""
+    if "mocov3" in methods:
+        s = settings["mocov3"]
+        text += f" `mocov3`: MoCo v3 on the {s['backbone']} itself, {s['epochs']} epochs, {optim(s)}."
+    if "pcd" in methods:
+        t, s = settings["moco-teacher"], settings["pcd"]
+        text += (f" `pcd`: a MoCo v3 {t['backbone']} teacher ({t['epochs']} epochs, {optim(t)}) distilled by PCD "
+                 f"({s['epochs']} epochs, {optim(s)}, queue {s['queue_size']}).")
+    return text
+
+
 def markdown_table(meta: dict, rows: list[dict]) -> str:
     summary = summarize(rows)
     fractions = [f for f in FRACTION_ORDER if any(s["fraction"] == f for s in summary)]
@@ -81,7 +100,8 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
            if gan and any(row["method"] == "dt-feat-gan" for row in rows) else "")
         + (f" `dep`: the U-Net ({dep['unet_width']} wide) denoises at sigma {dep['sigma']:g} for {dep['epochs']} epochs"
            + (f" of {dep['crop'][0]}x{dep['crop'][1]} crops." if dep.get("crop") else ".")
-           if dep and any(row["method"] == "dep" for row in rows) else ""),
+           if dep and any(row["method"] == "dep" for row in rows) else "")
+        + _contrastive_text(meta.get("contrastive"), {row["method"] for row in rows}),
         f"- Fine-tuning (`{fine['preset']}` preset): iterations per fraction {fine['iterations']}, batch "
         f"{fine['batch_size']}, {fine['optimizer']} lr {fine['lr']}, UperNet width {fine['decoder_channels']}; "
         f"seeds per fraction {meta['seeds']}.",

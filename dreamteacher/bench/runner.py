@@ -648,6 +648,7 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
     gan = build_config(*bench_.pretrain_config("gan-teacher"))
     gan_student = build_config(*bench_.pretrain_config("dt-feat-gan"))
     dep = build_config(*bench_.pretrain_config("dep"))
+    contrastive = {name: build_config(*bench_.pretrain_config(name)) for name in ("moco-teacher", "pcd", "mocov3")}
     fine = build_finetune_config(spec.get("finetune_preset"), bench_.overrides(spec.get("finetune_overrides")))
     return {
         "recipe": spec["name"], "image_size": fine.data.resolution, "backbone": fine.model.backbone,
@@ -670,6 +671,10 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
                         "blocks": gan_student.encode.blocks},
         "dep": {"epochs": dep.optim.epochs, "crop": dep.denoise.crop, "sigma": fixed_sigma(dep, "dep"),
                 "unet_width": dep.denoise.unet_width},
+        "contrastive": {name: {"backbone": c.student.backbone, "epochs": c.optim.epochs, "optimizer": c.optim.name,
+                               "base_lr": c.optim.base_lr, "weight_decay": c.optim.weight_decay,
+                               "batch_size": c.optim.batch_size, "queue_size": c.contrast.queue_size}
+                        for name, c in contrastive.items()},
         "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "python": platform.python_version()},
         "bench_seconds_this_invocation": round(seconds, 1),
