@@ -17,9 +17,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from cells import recipe, root, score_into
-
-from dreamteacher.bench.runner import Bench
+from cells import recipe, recipe_bench, root, score_into
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=str(root))
@@ -36,7 +34,7 @@ for method in ("moco-teacher", "pcd"):
 if args.teacher_epochs != 30:
     spec["method_overrides"]["moco-teacher"]["optim"].update(epochs=args.teacher_epochs,
                                                              warmup_epochs=max(3, args.teacher_epochs // 10))
-bench = Bench(spec, out, data, data / spec["data"]["eval_images"], data / spec["data"]["eval_masks"], progress=False)
+bench = recipe_bench(spec, out, data)
 result = {"optim": adamw, "val": {}, "heldout": {}, "seconds": {}}
 
 

@@ -24,9 +24,9 @@ import copy
 import json
 from pathlib import Path
 
-from cells import recipe, root, score_into
+from cells import recipe, recipe_bench, root, score_into
 
-from dreamteacher.bench.runner import Bench, _deep_merge
+from dreamteacher.bench.runner import _deep_merge
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=str(root))
@@ -43,19 +43,13 @@ for method, optim in lars.items():
     lars_spec["method_overrides"][method]["optim"].update(optim)
 norm_rescale = {"model": {"norm_rescale": 0.25}}
 
-
-def bench(spec: dict, folder: Path) -> Bench:
-    return Bench(spec, folder, data, data / spec["data"]["eval_images"], data / spec["data"]["eval_masks"],
-                 progress=False)
-
-
-table = bench(lars_spec, out)
+table = recipe_bench(lars_spec, out, data)
 teacher = table.own_stage("moco-teacher", "mocov3", None, True, overrides_name="moco-teacher")
 pcd = table.backbone_stage("pcd")
 variant_spec = copy.deepcopy(lars_spec)
 variant_spec["method_overrides"]["pcd-queue256"] = _deep_merge(lars_spec["method_overrides"]["pcd"],
                                                                {"contrast": {"queue_size": 256}})
-pcd_queue256 = bench(variant_spec, out).own_stage("pcd-queue256", "pcd", teacher, True, overrides_name="pcd-queue256")
+pcd_queue256 = recipe_bench(variant_spec, out, data).own_stage("pcd-queue256", "pcd", teacher, True, overrides_name="pcd-queue256")
 
 result = {"stages_seconds": {"moco-teacher": teacher["stages"]["moco-teacher"]["seconds"],
                              "pcd": pcd["stages"]["pcd"]["seconds"],

@@ -579,7 +579,7 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
     for folder in (bench_.eval_images, bench_.eval_masks):
         if not folder.is_dir():
             raise UserError(f"evaluation folder not found: {folder}")
-    row_ids = [f"{r['method']}:{r.get('head', 'upernet')}" for r in spec["rows"]]
+    row_ids = [":".join(_row_key(r)) for r in spec["rows"]]
     wanted_rows = [r for r, rid in zip(spec["rows"], row_ids)
                    if not rows or rid in rows or r["method"] in rows]
     if rows and not wanted_rows:
@@ -613,11 +613,20 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
                 if cell is not None:
                     results.append(cell)
     results += _carried_over(out, spec["rows"], wanted_rows, results)
-    order = {(r["method"], r.get("head", "upernet")): i for i, r in enumerate(spec["rows"])}
-    results.sort(key=lambda cell: order.get((cell["method"], cell["head"]), len(order)))  # the recipe's row order
+    order = {_row_key(r): i for i, r in enumerate(spec["rows"])}
+    results.sort(key=lambda cell: order.get(_row_key(cell), len(order)))  # the recipe's row order
     meta = _bench_meta(spec, bench_, root, time.perf_counter() - started)
     files = write_results(out, meta, results)
     return BenchResult(out, results, files)
+
+
+def _row_key(row: dict) -> tuple[str, str]:
+    """(method, head) of a recipe row or of a result cell."""
+    return row["method"], row.get("head", "upernet")
+
+
+def _cell_key(cell: dict) -> tuple:
+    return (*_row_key(cell), cell["fraction"], cell["seed"])
 
 
 def _carried_over(out: Path, recipe_rows: list[dict], wanted_rows: list[dict], results: list[dict]) -> list[dict]:
@@ -632,11 +641,10 @@ def _carried_over(out: Path, recipe_rows: list[dict], wanted_rows: list[dict], r
         old_cells = json.loads(previous.read_text()).get("rows", [])
     except json.JSONDecodeError as err:
         raise UserError(f"{previous}: not a results file ({err}); move it away to rebuild the table") from err
-    unselected = {(r["method"], r.get("head", "upernet")) for r in recipe_rows if r not in wanted_rows}
-    present = {(c["method"], c["head"], c["fraction"], c["seed"]) for c in results}
+    unselected = {_row_key(r) for r in recipe_rows if r not in wanted_rows}
+    present = {_cell_key(c) for c in results}
     return [{**cell, "carried_over": True} for cell in old_cells
-            if (cell["method"], cell["head"]) in unselected
-            and (cell["method"], cell["head"], cell["fraction"], cell["seed"]) not in present]
+            if _row_key(cell) in unselected and _cell_key(cell) not in present]
 
 
 def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import sys
@@ -145,6 +146,7 @@ def fused_adam(module: torch.nn.Module) -> dict:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache  # process-wide: once is enough (find_library runs ldconfig)
 def reuse_host_memory() -> bool:
     """Make glibc malloc keep freed host memory for reuse: blocks up to 256 MiB from the heap (not
     mmap) and a heap that is never trimmed. By default every CPU step's large buffers (a ResNet-18's
