@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="pretrain, fine-tune at every label fraction and seed, tabulate")
     p.add_argument("recipe", help="recipe name (camvid-cpu, camvid-gpu) or a recipe .yaml")
     p.add_argument("--out", required=True, help="results folder (results.json/.md/.png; work in OUT/runs)")
-    p.add_argument("--eval-images", help="evaluation images (default: the recipe's, CamVid val/)")
-    p.add_argument("--eval-masks", help="evaluation label maps")
+    p.add_argument("--eval-images", help="one more evaluation set beside the recipe's (CamVid unseen/ and val/): "
+                   "its images")
+    p.add_argument("--eval-masks", help="its label maps")
     p.add_argument("--data-root", help="dataset root the recipe's paths are relative to")
     p.add_argument("--rows", help="comma-separated methods or method:head to run, e.g. dt-feat,scratch:upernet")
     p.add_argument("--fractions", help="comma-separated, e.g. 1-30,1-8")

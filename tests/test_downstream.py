@@ -247,6 +247,75 @@ def test_bench_runs_every_cell_writes_tables_and_resumes_without_recomputing(sce
     assert "2 cells carried over from the previous results.json" in (out / "results.md").read_text()
 
 
+def test_bench_scores_every_cell_on_every_evaluation_set_with_one_table_each(scenes, tmp_path):
+    """A recipe with two tiny evaluation sets: each cell is scored on both (the first is the primary
+    one), results.json keeps a score per set, results.md shows a table per set and each row's gain
+    over scratch on both, and a set added later costs evaluations only, no fine-tuning."""
+    import shutil
+
+    import dreamteacher.downstream.finetune as ft
+    from dreamteacher.bench.runner import bench
+
+    images, masks = scenes
+    root = images.parent
+    other_images, other_masks = write_scenes(tmp_path / "other", count=3, seed=7)
+    recipe = write_recipe(tmp_path, images, masks)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["data"].pop("eval_images"), spec["data"].pop("eval_masks")
+    spec["data"]["eval_sets"] = {"later": {"images": str(other_images), "masks": str(other_masks)},
+                                 "same": {"images": "images", "masks": "masks"}}
+    spec["data"]["eval_about"] = {"later": "frames after the training ones"}
+    spec["settings_chosen_on"] = "later"
+    spec["data"]["class_names"] = ["background", "red", "blue"]
+    spec["rows"] = [{"method": "scratch", "head": "upernet"},
+                    {"method": "dt-feat-untrained", "head": "upernet", "seeds": [0, 1]}]
+    recipe.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "bench"
+    result = bench(recipe, out, progress=False, fractions=["1-30"])
+    assert len(result.rows) == 4
+    for cell in result.rows:
+        assert set(cell["scores"]) == {"later", "same"}
+        assert cell["miou"] == cell["scores"]["later"]["miou"]  # the primary set's
+        assert cell["scores"]["later"]["images"] == 3 and cell["scores"]["same"]["images"] == 6
+        for scores in cell["scores"].values():
+            assert 0 <= scores["miou"] <= 100 and len(scores["per_class"]) == NUM_CLASSES
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["summary"]) == ["later", "same"]
+    assert list(saved["data"]["eval_sets"]) == ["later", "same"]
+    untrained = next(s for s in saved["summary"]["same"] if s["method"] == "dt-feat-untrained")
+    cells = [c["scores"]["same"]["miou"] for c in saved["rows"] if c["method"] == "dt-feat-untrained"]
+    assert untrained["mean"] == pytest.approx(sum(cells) / 2) and untrained["values"] == cells
+    table = (out / "results.md").read_text()
+    assert "## mIoU on `later` (the primary set)" in table and "## mIoU on `same`" in table
+    assert "Settings are chosen on `later` scores only; `same` is reported, never chosen on." in table
+    assert "frames after the training ones" in table
+    gain = {s: next(x["mean"] for x in saved["summary"][s] if x["method"] == "dt-feat-untrained")
+            - next(x["mean"] for x in saved["summary"][s] if x["method"] == "scratch") for s in ("later", "same")}
+    line = next(ln for ln in table.splitlines() if ln.startswith("| dt-feat-untrained | upernet | ")
+                and "/" in ln.split("|")[3])
+    assert f"{gain['later']:+.1f} / {gain['same']:+.1f}" in line
+    assert "Per-class IoU on `later`" in table and "Per-class IoU on `same`" in table
+    assert (out / "results.png").stat().st_size > 0
+
+    # one more set on the command line: evaluated on every finished cell, nothing fine-tuned again
+    calls = []
+    real_finetune = ft.finetune
+    ft.finetune = lambda *a, **k: calls.append(1) or real_finetune(*a, **k)
+    try:
+        extra = tmp_path / "extra"
+        shutil.copytree(other_images, extra / "more")
+        shutil.copytree(other_masks, extra / "moremasks")
+        result = bench(recipe, out, progress=False, fractions=["1-30"], eval_images=extra / "more",
+                       eval_masks=extra / "moremasks")
+    finally:
+        ft.finetune = real_finetune
+    assert calls == []
+    assert all(set(c["scores"]) == {"later", "same", "more"} for c in result.rows)
+    assert all(c["scores"]["more"]["miou"] == c["scores"]["later"]["miou"] for c in result.rows)  # same pictures
+    with pytest.raises(UserError, match="evaluation folder not found"):
+        bench(recipe, out, progress=False, eval_images=tmp_path / "nowhere", eval_masks=other_masks)
+
+
 def test_bench_refuses_unknown_rows_and_missing_data(scenes, tmp_path):
     from dreamteacher.bench.runner import bench
 

@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import dreamteacher as dt
-from dreamteacher.bench.runner import DEVICE_SETTINGS, Bench, _deep_merge, load_recipe
+from dreamteacher.bench.runner import DEVICE_SETTINGS, Bench, _deep_merge, eval_sets, load_recipe
 
 recipe = load_recipe("camvid-cpu")
 root = Path(recipe["data"]["root"])
 
 
 def recipe_bench(spec: dict, out: Path, data: Path) -> Bench:
-    """A `Bench` of `spec` (the recipe or a variant of it) working in `out`, evaluating on val/."""
-    return Bench(spec, out, data, data / spec["data"]["eval_images"], data / spec["data"]["eval_masks"],
-                 progress=False)
+    """A `Bench` of `spec` (the recipe or a variant of it) working in `out`, evaluating on its sets."""
+    return Bench(spec, out, data, eval_sets(spec, data), progress=False)
 
 
 def finished(run: Path) -> bool:

@@ -9,6 +9,7 @@ simply continues, and editing the recipe recomputes exactly what it touches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from dreamteacher.checkpoints import write_text_atomic
+from dreamteacher.config import Sections
 from dreamteacher.errors import UserError
 from dreamteacher.train.engine import checkpoint_path
 
@@ -64,22 +66,49 @@ DEVICE_SETTINGS = {"cpu": {}, "gpu": {"trainer": {"accelerator": "gpu", "devices
 EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark", "reuse_host_memory")}
 
 
-def result_settings(config: dict, drop: dict[str, tuple[str, ...] | None] | None = None) -> dict:
-    """`config` without the execution-only settings and the `drop` ones (section -> fields, or None
-    for the whole section): what a stage's key covers is what determines its result."""
-    kept = {name: dict(section) for name, section in config.items()}
+def key_settings(config: Sections, keep: dict[str, tuple[str, ...] | None] | None = None,
+                 drop: dict[str, tuple[str, ...] | None] | None = None) -> dict:
+    """What a stage's key covers of `config` (a `Config`, `FinetuneConfig`, ...): the settings that
+    differ from its class's defaults, without the execution-only ones and the `drop` ones (section ->
+    fields, or None for the whole section); only the `keep` ones when given. A setting added later
+    with a default that keeps the old behaviour thus leaves every finished stage valid (a changed
+    default is a change of code, which keys do not cover either)."""
+    values, defaults = config.to_dict(), type(config)().to_dict()
+    kept: dict = {}
+    for name, section in values.items():
+        fields = (keep or {}).get(name, ()) if keep is not None else None
+        if keep is not None and name not in keep:
+            continue
+        for field_name, value in section.items():
+            if fields is not None and field_name not in fields:
+                continue
+            if value != defaults[name][field_name]:
+                kept.setdefault(name, {})[field_name] = value
     for name, fields in {**EXECUTION_ONLY, **(drop or {})}.items():
         if fields is None:
             kept.pop(name, None)
         else:
             for field_name in fields:
                 kept.get(name, {}).pop(field_name, None)
-    return kept
+    return {name: section for name, section in kept.items() if section}
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def folder_fingerprint(folder: Path) -> list:
-    """Names and sizes of a folder's files: changes when images are added, removed or replaced."""
-    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    """Names and content hashes of a folder's files: changes when a file is added, removed or replaced,
+    even by one of the same name and size. Hashed once per process and file version (CamVid's 367
+    frames: about 0.3 s)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return [(str(p.relative_to(folder)), _file_digest(str(p), (st := p.stat()).st_size, st.st_mtime_ns))
+            for p in files]
 
 
 @dataclass
@@ -116,8 +145,7 @@ class Bench:
     spec: dict
     out: Path
     data_root: Path
-    eval_images: Path
-    eval_masks: Path
+    eval_sets: dict[str, tuple[Path, Path]]  # name -> (images, masks); the first is the primary one
     progress: bool = True
     device: str = "cpu"
     log: Callable[[str], None] = print
@@ -151,11 +179,11 @@ class Bench:
         if name in self._stages:
             return self._stages[name]
         preset, overrides = self.pretrain_config()
-        config = build_config(preset, overrides).to_dict()
+        config = build_config(preset, overrides)
         unlabeled = self.path("unlabeled")
         if trained:
-            key = digest(name, config["data"], config["diffusion"], config["teacher_train"], config["trainer"]["seed"],
-                         folder_fingerprint(unlabeled))
+            key = digest(name, key_settings(config, {"data": None, "diffusion": None, "teacher_train": None,
+                                                     "trainer": ("seed",)}), folder_fingerprint(unlabeled))
 
             def run(folder: Path, resume: bool) -> dict:
                 self.log(f"[bench] training the teacher in {folder}")
@@ -164,11 +192,11 @@ class Bench:
                 return {"teacher": str(folder / "teacher"), "seconds": result.seconds, "steps": result.steps,
                         "epochs": summary.get("epochs")}
         else:
-            key = digest(name, config["data"]["resolution"], config["diffusion"], config["trainer"]["seed"])
+            key = digest(name, key_settings(config, {"data": ("resolution",), "diffusion": None, "trainer": ("seed",)}))
 
             def run(folder: Path, resume: bool) -> dict:
                 start = time.perf_counter()
-                path = api.untrained_teacher(folder, preset, overrides, seed=config["trainer"]["seed"])
+                path = api.untrained_teacher(folder, preset, overrides, seed=config.trainer.seed)
                 return {"teacher": str(path), "seconds": time.perf_counter() - start, "steps": 0, "epochs": 0}
         result = Stage(self.runs / name, key, run).result(allow_run)
         if result is not None:
@@ -183,10 +211,10 @@ class Bench:
         if "teacher-stylegan2" in self._stages:
             return self._stages["teacher-stylegan2"]
         preset, overrides = self.pretrain_config("gan-teacher")
-        config = build_config(preset, overrides).to_dict()
+        config = build_config(preset, overrides)
         unlabeled = self.path("unlabeled")
-        key = digest("teacher-stylegan2", config["data"], config["gan"], config["teacher_train"],
-                     config["trainer"]["seed"], folder_fingerprint(unlabeled))
+        key = digest("teacher-stylegan2", key_settings(config, {"data": None, "gan": None, "teacher_train": None,
+                                                                "trainer": ("seed",)}), folder_fingerprint(unlabeled))
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] training the StyleGAN2 teacher in {folder}")
@@ -233,8 +261,8 @@ class Bench:
         config = build_interpreter_config(preset, overrides)
         split = self.data_root / self.spec["data"]["splits"][fraction]
         images, masks = self.path("images"), self.path("masks")
-        key = digest("interpreter", teacher["key"], result_settings(config.to_dict()), split.read_text(),
-                     folder_fingerprint(masks))
+        key = digest("interpreter", teacher["key"], key_settings(config), split.read_text(),
+                     folder_fingerprint(images), folder_fingerprint(masks))
 
         def run(folder: Path, resume: bool) -> dict:
             self.log(f"[bench] training the feature interpreter on {fraction} of the labels, seed {seed}")
@@ -254,9 +282,9 @@ class Bench:
         from dreamteacher import api
         from dreamteacher.config import build_config
 
-        config = build_config(preset, overrides).to_dict()
+        config = build_config(preset, overrides)
         unlabeled = self.path("unlabeled")
-        key = digest("cache", teacher["key"], config["encode"], config["data"]["resolution"],
+        key = digest("cache", teacher["key"], key_settings(config, {"encode": None, "data": ("resolution",)}),
                      folder_fingerprint(unlabeled))
         name = f"cache-{Path(teacher['teacher']).parent.name}-{key[:8]}"
         if name in self._stages:
@@ -284,7 +312,7 @@ class Bench:
         from dreamteacher.config import build_config
 
         preset, overrides = self.pretrain_config(method)
-        config = build_config(preset, overrides).to_dict()
+        config = build_config(preset, overrides)
         unlabeled = self.path("unlabeled")
         cache = None
         if cacheable and self.spec.get("feature_cache"):
@@ -298,7 +326,7 @@ class Bench:
             drop["encode"] = ("cache_encodings",)
         if interpreter is None:
             drop["loss"] = ("ld_weight", "ld_temperature")
-        settings = result_settings(config, drop)
+        settings = key_settings(config, drop=drop)
         parts = [method, teacher["key"], settings, folder_fingerprint(unlabeled)]
         if cache is not None:
             parts.append(cache["key"])
@@ -341,11 +369,11 @@ class Bench:
         if upstream is None and method in ("ddep", "pcd"):
             return None
         preset, overrides = self.pretrain_config(overrides_name or method)
-        config = build_config(preset, overrides).to_dict()
+        config = build_config(preset, overrides)
         unlabeled = self.path("unlabeled")
         unused = ("diffusion", "teacher_train", "encode", "loss", "gan",
                   "denoise" if method in ("mocov3", "pcd") else "contrast")
-        settings = result_settings(config, {section: None for section in unused})
+        settings = key_settings(config, drop={section: None for section in unused})
         key = digest(name, method, upstream["key"] if upstream else None, settings, folder_fingerprint(unlabeled))
         inputs = {"encoder": upstream["backbone"]} if method == "ddep" else \
             {"teacher": upstream["run"]} if method == "pcd" else {}
@@ -385,9 +413,10 @@ class Bench:
         config = build_finetune_config(preset, overrides)
         split = self.data_root / self.spec["data"]["splits"][fraction]
         images, masks = self.path("images"), self.path("masks")
-        settings = result_settings(config.to_dict(), {} if head == "unet" else {"model": ("unet_width",)})
+        settings = key_settings(config, drop={} if head == "unet" else {"model": ("unet_width",)})
         key = digest(method, head, fraction, seed, backbone["key"], settings,
-                     split.read_text() if split.is_file() else str(split), folder_fingerprint(masks))
+                     split.read_text() if split.is_file() else str(split), folder_fingerprint(images),
+                     folder_fingerprint(masks))
         folder = self.runs / "cells" / f"{method}--{head}" / f"{fraction}-seed{seed}"
 
         def run(folder: Path, resume: bool) -> dict:
@@ -405,18 +434,13 @@ class Bench:
         trained = Stage(folder, key, run).result(allow_run)
         if trained is None:
             return None
-        scores = self.scores(folder, trained["key"], f"{method} / {head} {fraction} seed {seed}", allow_run)
-        if scores is None:
-            return None
+        scores = self.scores(folder, trained["key"], f"{method} / {head} {fraction} seed {seed}")
         return {"method": method, "head": head, "fraction": fraction, "labeled": trained["labeled"], "seed": seed,
-                "miou": round(scores["miou"], 2),
-                "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
-                "pixel_accuracy": round(scores["pixel_accuracy"], 2),
+                **scores,
                 "pretrain_seconds": backbone["pretrain_seconds"], "pretrain_epochs": backbone["pretrain_epochs"],
                 "pretrain_stages": backbone["stages"],
                 "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1),
-                "initialized": trained.get("initialized", "none" if method == "scratch" else "backbone"),
-                "inference_gflops": scores.get("gflops_per_image")}
+                "initialized": trained.get("initialized", "none" if method == "scratch" else "backbone")}
 
     def interpreter_cell(self, fraction: str, seed: int, allow_run: bool) -> dict | None:
         """The teacher + interpreter as the segmenter (Table 5's DDPM-seg family): no fine-tuning."""
@@ -424,36 +448,41 @@ class Bench:
         if trained is None:
             return None
         folder = Path(trained["interpreter"])
-        scores = self.scores(folder, trained["key"], f"teacher-interpreter {fraction} seed {seed}", allow_run)
-        if scores is None:
-            return None
+        scores = self.scores(folder, trained["key"], f"teacher-interpreter {fraction} seed {seed}")
         return {"method": "teacher-interpreter", "head": "interpreter", "fraction": fraction,
-                "labeled": trained["labeled"], "seed": seed, "miou": round(scores["miou"], 2),
-                "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
-                "pixel_accuracy": round(scores["pixel_accuracy"], 2),
+                "labeled": trained["labeled"], "seed": seed, **scores,
                 "pretrain_seconds": round(trained["teacher_seconds"], 1), "pretrain_epochs": 0,
                 "pretrain_stages": {"teacher": {"seconds": trained["teacher_seconds"]}},
                 "finetune_iterations": trained["iterations"], "finetune_seconds": round(trained["seconds"], 1),
-                "initialized": "teacher+interpreter", "inference_gflops": scores.get("gflops_per_image")}
+                "initialized": "teacher+interpreter"}
 
-    def scores(self, folder: Path, key: str, what: str, allow_run: bool) -> dict | None:
-        """Evaluation of a finished run on the bench's evaluation set (cached beside the run), with the
-        model's inference cost per image at its resolution."""
+    def scores(self, folder: Path, key: str, what: str) -> dict:
+        """A finished run evaluated on every evaluation set (each cached beside the run, keyed on the
+        run and the set's contents, so a set added later costs one evaluation per finished run):
+        {"miou", "per_class", "pixel_accuracy"} of the primary (first) set, "scores" of every set, and
+        "inference_gflops", the model's forward cost per image at its resolution."""
         from dreamteacher.downstream.finetune import evaluate
 
-        eval_key = digest(key, str(self.eval_images), folder_fingerprint(self.eval_masks))
-        eval_path = folder / f"eval-{eval_key}.json"
-        if eval_path.is_file():
-            scores = json.loads(eval_path.read_text())
-        elif not allow_run:
-            return None
-        else:
-            self.log(f"[bench] evaluating {what} on {self.eval_images}")
-            scores = evaluate(folder, self.eval_images, self.eval_masks).to_dict()
-        if "gflops_per_image" not in scores:  # fresh scores (or older files): cost added, written once
-            scores["gflops_per_image"] = inference_gflops(folder)
-            write_text_atomic(eval_path, json.dumps(scores))
-        return scores
+        per_set: dict[str, dict] = {}
+        gflops = None
+        for name, (images, masks) in self.eval_sets.items():
+            eval_path = folder / f"eval-{digest(key, folder_fingerprint(images), folder_fingerprint(masks))}.json"
+            if eval_path.is_file():
+                scores = json.loads(eval_path.read_text())
+            else:
+                self.log(f"[bench] evaluating {what} on {images}")
+                scores = evaluate(folder, images, masks).to_dict()
+            if "gflops_per_image" not in scores:  # fresh scores (or older files): cost added, written once
+                gflops = gflops if gflops is not None else inference_gflops(folder)
+                scores["gflops_per_image"] = gflops
+                write_text_atomic(eval_path, json.dumps(scores))
+            gflops = scores["gflops_per_image"]
+            per_set[name] = {"miou": round(scores["miou"], 2),
+                             "per_class": [None if math.isnan(v) else round(v, 2) for v in scores["per_class"]],
+                             "pixel_accuracy": round(scores["pixel_accuracy"], 2), "images": scores["images"]}
+        primary = per_set[next(iter(per_set))]
+        return {"miou": primary["miou"], "per_class": primary["per_class"], "pixel_accuracy": primary["pixel_accuracy"],
+                "scores": per_set, "inference_gflops": gflops}
 
 
 SCRATCH = {"backbone": None, "key": "scratch", "pretrain_seconds": 0.0, "pretrain_epochs": 0, "stages": {}}
@@ -574,11 +603,7 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
         raise UserError(f"recipe data root not found: {root} (set --data-root)")
     if (eval_images is None) != (eval_masks is None):
         raise UserError("--eval-images and --eval-masks go together")
-    bench_ = Bench(spec, out, root, Path(eval_images) if eval_images else root / spec["data"]["eval_images"],
-                   Path(eval_masks) if eval_masks else root / spec["data"]["eval_masks"], progress, device)
-    for folder in (bench_.eval_images, bench_.eval_masks):
-        if not folder.is_dir():
-            raise UserError(f"evaluation folder not found: {folder}")
+    bench_ = Bench(spec, out, root, eval_sets(spec, root, eval_images, eval_masks), progress, device)
     row_ids = [":".join(_row_key(r)) for r in spec["rows"]]
     wanted_rows = [r for r, rid in zip(spec["rows"], row_ids)
                    if not rows or rid in rows or r["method"] in rows]
@@ -618,6 +643,26 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
     meta = _bench_meta(spec, bench_, root, time.perf_counter() - started)
     files = write_results(out, meta, results)
     return BenchResult(out, results, files)
+
+
+def eval_sets(spec: dict, root: Path, extra_images: str | Path | None = None,
+              extra_masks: str | Path | None = None) -> dict[str, tuple[Path, Path]]:
+    """The recipe's evaluation sets, name -> (images, masks), in its order (the first is the primary
+    one): `data.eval_sets` ({name: {images, masks}}), or the single pair `data.eval_images` /
+    `data.eval_masks` named after its folder; plus `extra_images` / `extra_masks` (`--eval-images`),
+    named after its folder too (with `-extra` where that name is taken)."""
+    data = spec["data"]
+    listed = data.get("eval_sets") or {Path(data["eval_images"]).name: {"images": data["eval_images"],
+                                                                       "masks": data["eval_masks"]}}
+    sets = {name: (root / paths["images"], root / paths["masks"]) for name, paths in listed.items()}
+    if extra_images is not None:
+        name = Path(extra_images).name
+        sets[name if name not in sets else f"{name}-extra"] = (Path(extra_images), Path(extra_masks))
+    for images, masks in sets.values():
+        for folder in (images, masks):
+            if not folder.is_dir():
+                raise UserError(f"evaluation folder not found: {folder}")
+    return sets
 
 
 def _row_key(row: dict) -> tuple[str, str]:
@@ -660,8 +705,11 @@ def _bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
     fine = build_finetune_config(spec.get("finetune_preset"), bench_.overrides(spec.get("finetune_overrides")))
     return {
         "recipe": spec["name"], "image_size": fine.data.resolution, "backbone": fine.model.backbone,
-        "data": {"root": str(root), "unlabeled": spec["data"]["unlabeled"], "eval_images": str(bench_.eval_images),
-                 "eval_masks": str(bench_.eval_masks), "splits": spec["data"]["splits"]},
+        "data": {"root": str(root), "unlabeled": spec["data"]["unlabeled"], "splits": spec["data"]["splits"],
+                 "eval_sets": {name: {"images": str(images), "masks": str(masks),
+                                      "about": (spec["data"].get("eval_about") or {}).get(name, "")}
+                               for name, (images, masks) in bench_.eval_sets.items()}},
+        "settings_chosen_on": spec.get("settings_chosen_on"),
         "class_names": spec["data"].get("class_names"),
         "pretrain": {"preset": spec.get("pretrain_preset"), "resolution": pre.data.resolution,
                      "student": pre.student.backbone, "teacher_steps": pre.teacher_train.max_steps,
