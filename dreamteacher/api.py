@@ -249,7 +249,13 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         teacher_model = load_teacher(teacher, config)
         teacher_model.check_resolution(*config.data.resolution)
     synthesized = distills and not hasattr(teacher_model, "encode")  # a GAN renders what the student sees
+    augmented = bool(config.data.crop_scale) or config.data.color_jitter > 0
+    if augmented and not distills:
+        raise UserError(f"data.crop_scale and data.color_jitter are for distillation (dt-feat, dt-mix), not {method}")
     if synthesized:
+        if augmented:
+            raise UserError(f"--teacher {teacher} is a GAN: it renders the images the student sees; "
+                            "data.crop_scale and data.color_jitter are for real images")
         if cache is not None or method == "dt-mix":
             raise UserError(f"--teacher {teacher} is a GAN: its dataset is synthesized online (no --cache), "
                             "and dt-mix's interpreter reads diffusion features: use --method dt-feat")
@@ -261,7 +267,14 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     ckpt = engine.prepare_run_dir(run_dir, resume)  # before a cache build: a refused run costs nothing
     if cache is not None:
         dataset = _cached_dataset(cache, teacher, teacher_model, dataset, data, config, rebuild_cache, progress)
+        specs = dataset.specs
         teacher_model = None  # training reads the cache; the teacher is not needed on any device
+    elif distills:
+        specs = teacher_model.feature_specs
+    if augmented:
+        from dreamteacher.data.augment import DistillationViews
+
+        dataset = DistillationViews(dataset, config.data.crop_scale, config.data.color_jitter)
     needs_noise = method in ("dep", "ddep") or synthesized or (
         distills and cache is None and config.encode.mode == "stochastic")
     dataset = engine.SeededSamples(dataset, config.trainer.seed, noise=needs_noise)
@@ -279,7 +292,6 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     if distills:
         from dreamteacher.methods.dt_feat import DTFeat
 
-        specs = dataset.dataset.specs if cache is not None else teacher_model.feature_specs
         if method == "dt-mix":
             from dreamteacher.methods.dt_mix import DTMix
 

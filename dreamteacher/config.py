@@ -26,6 +26,14 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     resolution: list[int] = field(default_factory=lambda: [256, 256])  # [height, width]
     hflip: bool = True  # the only augmentation of the paper's pretraining (Table 17)
+    # distillation (dt-feat, dt-mix) only, both off by default (the paper's pretraining flips alone):
+    # [low, high]: a random crop of each image covering that fraction of its area at its aspect ratio,
+    # resized back to `resolution`, the teacher's features cropped and resized with it (scale jitter);
+    # [] = off
+    crop_scale: list[float] = field(default_factory=list)
+    # > 0: brightness, contrast and saturation jitter of that strength (hue a quarter of it) on the
+    # image the student sees; the teacher's features stay those of the unjittered image; 0 = off
+    color_jitter: float = 0.0
     num_workers: int = 4
 
 
@@ -338,6 +346,11 @@ def validate(config: Config) -> None:
     res = config.data.resolution
     if not (isinstance(res, list) and len(res) == 2 and all(isinstance(v, int) and v >= 16 for v in res)):
         raise UserError(f"data.resolution must be [height, width] of integers >= 16, got {res}")
+    scale = config.data.crop_scale
+    if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise UserError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1 (or [] for off), got {scale}")
+    if not 0 <= config.data.color_jitter <= 1:
+        raise UserError(f"data.color_jitter must be in [0, 1] (0 = off), got {config.data.color_jitter}")
     if config.encode.mode not in ("stochastic", "ddim"):
         raise UserError(f"encode.mode must be 'stochastic' or 'ddim', got '{config.encode.mode}'")
     if not 0 <= config.encode.t < config.diffusion.num_train_timesteps:

@@ -134,3 +134,61 @@ def test_pretrain_with_cache_trains_without_the_teacher(tmp_path, tiny_teacher_d
     assert second.steps == 4 and np.isfinite(second.final_loss)
     resumed = api.pretrain(images, tmp_path / "b", resume=True, progress=False, optim={"max_steps": 6})
     assert resumed.steps == 6  # teacher and cache come from the run: still no teacher pass
+
+
+def test_crop_scale_crops_image_and_cached_features_by_one_box_and_jitter_touches_the_student_image_only(
+        tmp_path, tiny_teacher_dir):
+    from dreamteacher.data.augment import DistillationViews, crop_resize
+
+    # the geometry: the whole box is the identity; the left half of a ramp is the ramp's first half,
+    # stretched, at any stride
+    ramp = torch.arange(16.0).repeat(2, 8, 1)  # (2, 8, 16), value = column
+    assert torch.allclose(crop_resize(ramp, (0.0, 0.0, 1.0, 1.0)), ramp)
+    half = crop_resize(ramp, (0.0, 0.0, 0.5, 1.0))
+    # output pixel centres of the left half: columns 0.25, 0.75, ... 7.75 less half a pixel, the first
+    # clamped at the border
+    assert torch.allclose(half[0, 0], (torch.arange(16) * 0.5 - 0.25).clamp(min=0), atol=1e-5)
+    # the same ramp at stride 4 (each pixel holds the value at its centre, 1.5, 5.5, ...): its crop is
+    # the fine crop averaged over each 4 pixels, away from the clamped border
+    coarse = crop_resize(ramp[:, ::4, ::4] + 1.5, (0.0, 0.0, 0.5, 1.0))
+    assert torch.allclose(coarse[0, 0, 1:], half[0, 0].view(4, 4).mean(1)[1:], atol=1e-5)
+
+    images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
+    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    cached = CachedFeatures(ImageFolder(images, [32, 32], hflip=False), tmp_path / "cache", meta)
+    views = DistillationViews(cached, [0.25, 0.25], color_jitter=0.4)
+    torch.manual_seed(0)
+    item = views[3]
+    original, feats = cached[3]
+    assert item["images"].shape == original.shape and not torch.equal(item["images"], original)
+    assert [f.shape for f in item["features"]] == [f.shape for f in feats]
+    # the same box: re-crop the originals with the box the sample was drawn with (after the cache's
+    # own draw of one of its encodings)
+    from dreamteacher.data.augment import random_area_box
+
+    torch.manual_seed(0)
+    cached[3]
+    box = random_area_box([0.25, 0.25])
+    assert box[2] - box[0] == pytest.approx(0.5) and box[3] - box[1] == pytest.approx(0.5)
+    assert torch.equal(item["images"], crop_resize(original, box))
+    assert all(torch.equal(a, crop_resize(b, box)) for a, b in zip(item["features"], feats))
+    # jitter: the student's image differs, the teacher's targets are those of the unjittered crop
+    assert item["student_images"].shape == item["images"].shape
+    assert not torch.equal(item["student_images"], item["images"])
+    assert float(item["student_images"].abs().max()) <= 1.0
+
+
+def test_pretrain_distills_with_crop_and_jitter_online_and_cached_and_refuses_them_elsewhere(tmp_path,
+                                                                                            tiny_teacher_dir):
+    images = write_images(tmp_path / "images")
+    aug = TINY + ["data.crop_scale=[0.5,1.0]", "data.color_jitter=0.3"]
+    online = api.pretrain(images, tmp_path / "online", tiny_teacher_dir, overrides=aug, progress=False)
+    cached = api.pretrain(images, tmp_path / "cached", tiny_teacher_dir, overrides=aug, progress=False,
+                          cache=tmp_path / "cache")
+    assert online.steps == cached.steps == 4
+    assert np.isfinite(online.final_loss) and np.isfinite(cached.final_loss)
+    with pytest.raises(UserError, match="are for distillation"):
+        api.pretrain(images, tmp_path / "dep", method="dep", overrides=aug, progress=False)
+    with pytest.raises(UserError, match="crop_scale must be"):
+        api.pretrain(images, tmp_path / "bad", tiny_teacher_dir, overrides=TINY + ["data.crop_scale=[0.5]"],
+                     progress=False)

@@ -98,13 +98,17 @@ class DTFeat(PretrainMethod):
     def teacher_features(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(images the student sees, teacher features) of a batch: from the feature cache (`features`:
         fp16, used in the step's precision), else from the teacher's `student_batch` (a diffusion
-        teacher encodes the batch's images; a GAN teacher renders images from the batch's seeds)."""
+        teacher encodes the batch's images; a GAN teacher renders images from the batch's seeds).
+        With color jitter (`data.color_jitter`) the student sees `student_images` instead, jittered
+        copies of the images the features were taken from."""
         if not isinstance(batch, dict):
             batch = {"images": batch}
         if "features" in batch:
             images = batch["images"]
-            return images.contiguous(memory_format=self.memory_format), [f.to(images.dtype) for f in batch["features"]]
-        images, features = self.teacher.student_batch(batch)
+            features = [f.to(images.dtype) for f in batch["features"]]
+        else:
+            images, features = self.teacher.student_batch(batch)
+        images = batch.get("student_images", images)
         return images.contiguous(memory_format=self.memory_format), features
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:

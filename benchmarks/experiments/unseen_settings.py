@@ -1,0 +1,72 @@
+"""Issue 27: which DreamTeacher settings carry the gain to scenes pretraining never saw?
+
+Runs the camvid-cpu recipe's `dt-feat` row (and with `--untrained` its untrained-teacher control) at
+1/30 of the labels, seeds 0-2, with `--set` overrides on the pretraining preset (student and
+distillation settings; `--teacher-set` for the teacher's own training, which then trains a new
+teacher), and scores every cell on `unseen/` (where settings are chosen) and on `val/` (reported).
+The recipe's own teacher and feature caches are reused from `--bench` (the camvid-cpu bench folder)
+when the variant's settings leave them unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
+
+    python benchmarks/experiments/unseen_settings.py baseline --untrained
+    python benchmarks/experiments/unseen_settings.py t150 --set encode.t=150
+    python benchmarks/experiments/unseen_settings.py crop --set data.crop_scale=[0.35,1.0]
+"""
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from cells import recipe, root
+from dreamteacher.bench.runner import _deep_merge, bench
+from dreamteacher.config import parse_overrides
+
+parser = argparse.ArgumentParser()
+parser.add_argument("name", help="the work folder's name: OUT/unseen-NAME")
+parser.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="pretraining overrides for the students (dt-feat and its control)")
+parser.add_argument("--teacher-set", dest="teacher_settings", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the teacher's training (a new teacher is trained)")
+parser.add_argument("--untrained", action="store_true", help="also the dt-feat-untrained control row")
+parser.add_argument("--fractions", default="1-30")
+parser.add_argument("--bench", default="benchmarks/results/camvid-cpu", help="where the recipe's teacher is")
+parser.add_argument("--data-root", default=str(root))
+parser.add_argument("--out", default="benchmarks/experiments/runs")
+args = parser.parse_args()
+
+out = Path(args.out) / f"unseen-{args.name}"
+spec = copy.deepcopy(recipe)
+spec["name"] = f"camvid-cpu, experiment {args.name}"
+students = parse_overrides(args.settings)
+teachers = parse_overrides(args.teacher_settings)
+spec["pretrain_overrides"] = _deep_merge(spec.get("pretrain_overrides") or {}, teachers)
+overrides = spec.setdefault("method_overrides", {})
+for row in ("dt-feat", "dt-feat-untrained"):  # the students' settings, not the teacher's
+    overrides[row] = _deep_merge(overrides.get(row) or {}, students)
+spec["rows"] = [{"method": "dt-feat", "head": "upernet"}]
+if args.untrained:
+    spec["rows"].append({"method": "dt-feat-untrained", "head": "upernet"})
+out.mkdir(parents=True, exist_ok=True)
+recipe_file = out / "recipe.yaml"
+recipe_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+runs = out / "runs"
+runs.mkdir(exist_ok=True)
+shared = Path(args.bench) / "runs"
+names = [] if teachers else ["teacher", "teacher-untrained"]  # a teacher setting changes both keys
+for folder in sorted(shared.glob("cache-*")) + [shared / n for n in names]:
+    link = runs / folder.name
+    if folder.is_dir() and not link.exists():  # a stage whose key differs is recomputed beside it
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+
+result = bench(recipe_file, out, data_root=args.data_root, fractions=args.fractions.split(","), progress=False)
+summary = json.loads(result.files["json"].read_text())["summary"]
+report = {name: {f"{s['method']} {s['fraction']}": [round(s["mean"], 2), s["values"]] for s in rows}
+          for name, rows in summary.items()}
+report["settings"], report["teacher_settings"] = args.settings, args.teacher_settings
+(out / "result.json").write_text(json.dumps(report, indent=2))
+json.dump(report, sys.stdout, indent=2)
+print()
