@@ -1,8 +1,9 @@
 """dreamteacher: pretrain image backbones for dense prediction by distilling generative models."""
 
-from dreamteacher.api import RunResult, export, info, pretrain, sample, train_teacher
+# every method, teacher kind and config section registers itself when its module is imported
+from dreamteacher import methods, teachers  # noqa: F401  (isort: skip)
+from dreamteacher.api import RunResult, evaluate, export, finetune, info, pretrain, sample, train_teacher
 from dreamteacher.bench.runner import bench
-from dreamteacher.downstream.finetune import evaluate, finetune
 
 __all__ = ["RunResult", "bench", "evaluate", "export", "finetune", "info", "pretrain", "sample", "train_teacher"]
 __version__ = "0.1.0"

@@ -8,17 +8,25 @@ import os
 import sys
 from pathlib import Path
 
-from dreamteacher.errors import UserError
+import yaml
+
+from dreamteacher import api
+from dreamteacher.analysis.metrics import format_iou_table
+from dreamteacher.bench.runner import bench
+from dreamteacher.bench.speed import bench_speed, format_speed
+from dreamteacher.core.config import available_presets
+from dreamteacher.core.errors import UserError
+from dreamteacher.export.checkpoints import FORMATS
+from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
+from dreamteacher.nn.segmenters import HEADS
+from dreamteacher.viz.report import write_report
+from dreamteacher.workflows.finetune import available_finetune_presets
+from dreamteacher.workflows.interpreter import available_interpreter_presets
 
 
 def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False, kind: str | None = None) -> None:
-    if finetune:
-        from dreamteacher.downstream.finetune import available_finetune_presets as presets
-    elif kind == "interpreter":
-        from dreamteacher.downstream.interpreter import available_interpreter_presets as presets
-    else:
-        from dreamteacher.config import available_presets as presets
-
+    presets = available_finetune_presets if finetune else \
+        available_interpreter_presets if kind == "interpreter" else available_presets
     p.add_argument("--preset", help=f"named preset: {', '.join(presets())}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set optim.epochs=10 (repeatable)")
@@ -41,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-teacher", help="train a DDPM (or StyleGAN2) teacher on an unlabeled image folder")
-    p.add_argument("--kind", default="ddpm", choices=["ddpm", "stylegan2"],
-                   help="ddpm: a diffusion U-Net (default); stylegan2: a GAN whose samples form a synthesized dataset")
+    p.add_argument("--kind", default="ddpm", choices=TEACHER_TRAINERS.names(),
+                   help="; ".join(f"{name}: {cls.summary}" for name, cls in TEACHER_TRAINERS.items()))
     p.add_argument("--data", required=True, help="folder of unlabeled images")
     p.add_argument("--out", required=True, help="run folder to create")
     _add_config_args(p)
@@ -56,11 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a timm backbone: distill a teacher, denoise (dep, ddep) or "
                        "contrast (mocov3, pcd)")
-    p.add_argument("--method", default="dt-feat", choices=["dt-feat", "dt-mix", "dep", "ddep", "mocov3", "pcd"],
-                   help="dt-feat: DreamTeacher feature distillation (default); dt-mix: plus label distillation "
-                   "from an --interpreter; dep: denoising pretraining of a U-Net; ddep: of its decoder alone "
-                   "on a frozen --encoder; mocov3: MoCo v3 (writes moco_v3.pth, a pcd teacher); pcd: pixel-wise "
-                   "contrastive distillation from a MoCo v3 --teacher")
+    p.add_argument("--method", default="dt-feat", choices=METHODS.names(),
+                   help="; ".join(f"{name}: {cls.summary}" for name, cls in METHODS.items()))
     p.add_argument("--teacher", help="train-teacher run (DDPM or StyleGAN2), diffusers DDPM/UNet2DModel or Stable "
                    "Diffusion folder, or ADM .pt; "
                    "for pcd a MoCo v3 checkpoint (official layout) or mocov3 run")
@@ -76,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
     p.add_argument("run", help="pretrain run folder or its checkpoint")
-    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "smp", "mmseg", "detectron2"],
+    p.add_argument("--format", default="timm", choices=list(FORMATS),
                    help="timm/torchvision/smp: .safetensors; mmseg: .pth; detectron2: .pkl (default timm)")
     p.add_argument("--out", help="output file (default RUN/backbone[.FORMAT].EXT)")
 
     p = sub.add_parser("finetune", help="fine-tune a segmentation head on an exported (or random) backbone")
     p.add_argument("--backbone", required=True, help="exported backbone .safetensors, or 'none' for random init")
     _add_labeled_data_args(p)
-    p.add_argument("--head", choices=["upernet", "unet", "readout"], help="same as --set model.head=...")
+    p.add_argument("--head", choices=list(HEADS), help="same as --set model.head=...")
     p.add_argument("--decoder", help="a dep/ddep (unet) or dt-mix (upernet) run's decoder.safetensors to start from")
     _add_config_args(p, finetune=True)
 
@@ -141,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from dreamteacher import api
-
     progress = not getattr(args, "no_progress", False)
     if args.command == "train-teacher":
         result = api.train_teacher(args.data, args.out, args.preset, args.overrides, args.resume, progress,
@@ -161,34 +164,25 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out, args.format)}")
     elif args.command == "finetune":
-        from dreamteacher.downstream.finetune import finetune
-
         flags = {"data.num_classes": args.num_classes, "data.ignore_index": args.ignore_index,
                  "model.head": args.head}
         overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
-        result = finetune(args.backbone, args.images, args.masks, args.out, args.split, args.preset, overrides,
+        result = api.finetune(args.backbone, args.images, args.masks, args.out, args.split, args.preset, overrides,
                           args.resume, progress, decoder=args.decoder)
         print(f"segmenter: {result.segmenter} ({result.steps} iterations, {result.seconds:.0f} s, "
               f"backbone {result.init['backbone_init']}, decoder {result.init['decoder_init']})")
     elif args.command == "interpreter":
-        from dreamteacher.downstream.interpreter import train_interpreter
-
         flags = {"data.num_classes": args.num_classes, "data.ignore_index": args.ignore_index}
         overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
-        result = train_interpreter(args.teacher, args.images, args.masks, args.out, args.split, args.preset,
+        result = api.train_interpreter(args.teacher, args.images, args.masks, args.out, args.split, args.preset,
                                    overrides, args.resume, progress)
         print(f"interpreter: {result.weights} ({result.steps} iterations, {result.seconds:.0f} s); "
               f"evaluate it with `dreamteacher evaluate {result.run_dir} --images DIR --masks DIR`")
     elif args.command == "evaluate":
-        from dreamteacher.downstream.finetune import evaluate
-        from dreamteacher.downstream.metrics import format_iou_table
-
-        result = evaluate(args.run, args.images, args.masks, args.split, out=args.out)
+        result = api.evaluate(args.run, args.images, args.masks, args.split, out=args.out)
         print(format_iou_table(result.per_class))
         print(f"mIoU {result.miou:.2f} | pixel accuracy {result.pixel_accuracy:.2f} | {result.images} images")
     elif args.command == "bench":
-        from dreamteacher.bench.runner import bench
-
         def listed(value: str | None) -> list[str] | None:
             return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -198,22 +192,14 @@ def run(args: argparse.Namespace) -> None:
         print(result.files["md"].read_text())
         print(f"results: {', '.join(str(p) for p in result.files.values())}")
     elif args.command == "bench-speed":
-        from dreamteacher.bench.speed import bench_speed, format_speed
-
         results = bench_speed(args.preset, args.overrides, args.device, args.teacher, args.data, args.steps,
                               args.out, cache=not args.no_cache, progress=progress)
         print(format_speed(results))
         if args.out:
             print(f"results: {args.out}")
     elif args.command == "info":
-        import yaml
-
-        from dreamteacher.describe import describe
-
-        print(yaml.safe_dump(describe(args.path), sort_keys=False, default_flow_style=None, width=110).rstrip())
+        print(yaml.safe_dump(api.info(args.path), sort_keys=False, default_flow_style=None, width=110).rstrip())
     elif args.command in ("report", "viz"):
-        from dreamteacher.viz.report import write_report
-
         out = Path(args.out) / "index.html" if args.command == "viz" else args.out
         page = write_report(args.teacher, args.data, out, student_run=args.student, num_images=args.num_images,
                             png_folder=args.command == "viz")

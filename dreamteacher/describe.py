@@ -3,14 +3,21 @@ to guess which file resumes a run, which initializes a fine-tuning and under whi
 
 from __future__ import annotations
 
-import json
+import pickle
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import SEGMENTER, SEGMENTER_INFO, SUMMARY, TEACHER, RunFolder, read_json
+from dreamteacher.data.features import META_FILE
+from dreamteacher.export.checkpoints import read_checkpoint
+from dreamteacher.methods.base import METHODS
+from dreamteacher.teachers.adm import infer_adm_config
+from dreamteacher.teachers.base import teacher_kind
 
 
 def _parts(state: dict[str, torch.Tensor], depth: int = 1) -> dict[str, int]:
@@ -31,8 +38,6 @@ def _config_summary(config: dict) -> dict[str, Any]:
 
 
 def checkpoint_info(path: Path) -> dict[str, Any]:
-    from dreamteacher.checkpoints import read_checkpoint
-
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     method = hp.get("method", "?")
@@ -40,6 +45,8 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
                             "step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),
                             "parts": _parts(ckpt["state_dict"]),
                             "optimizer_state": bool(ckpt.get("optimizer_states"))}
+    if method in METHODS:
+        info["what"] = METHODS.get(method).summary
     if method == "finetune":
         info["init"] = hp.get("init")
         info["config"] = {k: hp["config"][k] for k in ("data", "model", "optim")}
@@ -56,8 +63,6 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
 def export_info(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
@@ -65,16 +70,17 @@ def export_info(path: Path) -> dict[str, Any]:
                 params = sum(_numel(f.get_slice(k).get_shape()) for k in keys)
         except Exception:  # noqa: BLE001
             raise UserError(f"{path}: not a readable safetensors file") from None
-        if path.name == "segmenter.safetensors" and (path.parent / "segmenter.json").is_file():
+        if path.name == SEGMENTER and (path.parent / SEGMENTER_INFO).is_file():
             return {"kind": "fine-tuned segmentation model", "path": str(path), "tensors": len(keys),
-                    "parameters": params, **json.loads((path.parent / "segmenter.json").read_text()),
+                    "parameters": params, **read_json(path.parent / SEGMENTER_INFO),
                     "use": "dreamteacher evaluate RUN --images DIR --masks DIR"}
         if "format" not in meta:
             return {"kind": "safetensors file without dreamteacher metadata (not an export)", "path": str(path),
                     "tensors": len(keys), "parameters": params, "first_keys": keys[:5]}
-        if meta["format"] in ("smp-unet-decoder", "smp-upernet-decoder"):
-            kind = "U-Net decoder export (denoising pretraining)" if meta["format"] == "smp-unet-decoder" else \
-                "UperNet decoder and head export (dt-mix regressor and logit head)"
+        if meta["format"].endswith("-decoder"):
+            head = {"unet": "U-Net", "upernet": "UperNet"}.get(meta.get("head", ""), meta.get("head", "?"))
+            with_head = " and head" if any(k.startswith("segmentation_head.") for k in keys) else ""
+            kind = f"{head} decoder{with_head} export ({meta.get('method', '?')} pretraining)"
             return {"kind": kind, "path": str(path), "tensors": len(keys),
                     "parameters": params, **{k: v for k, v in meta.items() if k not in ("format", "load")},
                     "use": meta.get("load", "")}
@@ -84,13 +90,13 @@ def export_info(path: Path) -> dict[str, Any]:
                 if meta["format"] == "timm" else meta.get("load", "")}
     if suffix in (".pth", ".pkl"):
         if suffix == ".pth":
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - truncated, foreign or code-carrying files
+                raise UserError(f"{path}: not a readable PyTorch weights file ({exc.__class__.__name__})") from None
             state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
         else:
-            import pickle
-
-            with open(path, "rb") as f:
-                payload = pickle.load(f)  # noqa: S301 - a file the user asked us to describe
+            payload = safe_unpickle(path)
             state = payload.get("model", {}) if isinstance(payload, dict) else {}
         meta = payload.get("meta", {}) if isinstance(payload, dict) else {}
         if not meta.get("format"):
@@ -98,6 +104,29 @@ def export_info(path: Path) -> dict[str, Any]:
         return {"kind": f"backbone export ({meta['format']} keys)", "path": str(path), "tensors": len(state),
                 "parts": _parts(state), **meta}
     raise UserError(f"{path}: not a file dreamteacher knows (.ckpt, .safetensors, .pth, .pkl or a run folder)")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain containers only: a detectron2 `.pkl` is
+    described without running what a crafted file could carry (`pickle.load` would run it)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+               ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
+
+
+def safe_unpickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnly(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as exc:
+        raise UserError(f"{path}: not a weights pickle (numpy arrays and plain containers): {exc}") from None
 
 
 def _numel(shape) -> int:
@@ -108,15 +137,14 @@ def _numel(shape) -> int:
 
 
 def run_info(folder: Path) -> dict[str, Any]:
-    from dreamteacher.train.engine import checkpoint_path
 
     info: dict[str, Any] = {"kind": "run folder", "path": str(folder)}
     if (folder / "results.json").is_file():
-        results = json.loads((folder / "results.json").read_text())
+        results = read_json(folder / "results.json")
         return {"kind": "benchmark results", "path": str(folder), "recipe": results.get("recipe"),
                 "cells": len(results.get("rows", [])), "use": f"see {folder / 'results.md'}"}
-    if (folder / "meta.json").is_file() and any(folder.glob("block*.npy")):
-        meta = json.loads((folder / "meta.json").read_text())
+    if (folder / META_FILE).is_file() and any(folder.glob("block*.npy")):
+        meta = read_json(folder / META_FILE)
         key = meta["key"]
         return {"kind": "teacher feature cache", "path": str(folder), "images": key["num_images"],
                 "encodings_per_image": key["encodings"], "t": key["t"], "mode": key["mode"],
@@ -124,17 +152,17 @@ def run_info(folder: Path) -> dict[str, Any]:
                 "gib": round(meta["bytes"] / 2**30, 3), "use": "dreamteacher pretrain ... --cache PATH"}
     if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
         return {"kind": "diffusers model folder", "path": str(folder), "use": "--teacher PATH"}
-    ckpt = checkpoint_path(folder)
+    ckpt = RunFolder(folder).checkpoint
     if ckpt.is_file():
         info.update({k: v for k, v in checkpoint_info(ckpt).items() if k not in ("kind", "path")})
         info["checkpoint"] = str(ckpt)
-    if (folder / "run.json").is_file():
-        info["finished"] = json.loads((folder / "run.json").read_text())
-    else:
-        info["finished"] = False
+    info["finished"] = read_json(folder / SUMMARY) or False
     files = [p.name for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".pth", ".pkl")]
-    if (folder / "teacher").is_dir():
-        files.append("teacher/ (diffusers DDPMPipeline)")
+    if (folder / TEACHER).is_dir():
+        try:
+            files.append(f"{TEACHER}/ ({teacher_kind(folder / TEACHER, ('diffusion', 'gan')).description})")
+        except UserError:
+            files.append(f"{TEACHER}/ (not a teacher dreamteacher can load)")
     info["files"] = files
     if not ckpt.is_file() and not files:
         raise UserError(f"{folder}: no dreamteacher run here (no checkpoints/last.ckpt, exports or teacher)")
@@ -150,9 +178,10 @@ def describe(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".ckpt":
         return checkpoint_info(path)
     if path.suffix == ".pt":
-        from dreamteacher.teachers.adm import infer_adm_config
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__})") from None
         return {"kind": "guided-diffusion (ADM) checkpoint", "path": str(path), "architecture": infer_adm_config(state),
                 "use": "--teacher PATH"}
     return export_info(path)

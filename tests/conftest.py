@@ -72,8 +72,8 @@ def image_dir(tmp_path: Path) -> Path:
 
 
 def tiny_unet(seed: int = 0, block_out=(32, 32, 32), layers_per_block: int = 1):
-    from dreamteacher.config import build_config
-    from dreamteacher.teachers.training import build_unet
+    from dreamteacher.core.config import build_config
+    from dreamteacher.teachers.diffusion import build_unet
 
     torch.manual_seed(seed)
     overrides = [o for o in TINY if not o.startswith("diffusion.block_out") and not o.startswith("diffusion.layers")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
 from dreamteacher.teachers.adm import convert_adm_state_dict, load_adm_checkpoint
 
 
@@ -124,7 +124,7 @@ def test_attention_equals_legacy_fused_qkv(tmp_path, where):
 
 
 def test_converted_model_runs_as_teacher(tmp_path):
-    from dreamteacher.teachers.diffusion import load_diffusion_teacher
+    from dreamteacher.teachers.base import load_diffusion_teacher
 
     path = tmp_path / "adm.pt"
     torch.save(adm_state_dict(), path)

@@ -11,10 +11,11 @@ import torch
 
 from conftest import TINY, write_images
 from dreamteacher import api
-from dreamteacher.config import build_config
+from dreamteacher.core.config import build_config
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
-from dreamteacher.errors import UserError
-from dreamteacher.teachers.cache import CachedFeatures, build_cache, cache_key, open_cache, read_meta
+from dreamteacher.core.errors import UserError
+from dreamteacher.data.features import CachedFeatures, read_meta
+from dreamteacher.teachers.encoding import build_cache, cache_key, open_cache
 
 CPU = torch.device("cpu")
 

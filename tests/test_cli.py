@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import TINY, write_images
 from dreamteacher.cli import main
-from dreamteacher.errors import UserError
-from dreamteacher.checkpoints import load_backbone, read_checkpoint
+from dreamteacher.core.errors import UserError
+from dreamteacher.export.checkpoints import read_checkpoint
+from dreamteacher.nn.weights import load_backbone
 
 CLI = [sys.executable, "-m", "dreamteacher.cli"]
 
@@ -59,7 +60,7 @@ def test_teacher_trains_in_its_own_precision(tmp_path, monkeypatch):
 
     from diffusers import DDPMPipeline
 
-    from dreamteacher.train import engine
+    from dreamteacher.engine import trainer as engine
 
     precisions = []
     build_trainer = engine.build_trainer
@@ -113,7 +114,7 @@ def test_info_says_what_each_run_and_file_holds(trained, capsys):
     from dreamteacher import info
 
     teacher = info(trained / "teacher")
-    assert teacher["method"] == "train-teacher" and "teacher/ (diffusers DDPMPipeline)" in teacher["files"]
+    assert teacher["method"] == "train-teacher" and "teacher/ (a diffusers DDPMPipeline folder)" in teacher["files"]
     student = info(trained / "student")
     assert student["method"] == "dt-feat" and student["step"] == 4 and student["finished"]["steps"] == 4
     assert set(student["parts"]) == {"backbone", "regressor"} and "backbone.safetensors" in student["files"]
@@ -153,9 +154,9 @@ def test_python_api_runs_the_workflow_and_returns_results(trained, tmp_path):
 
 
 def test_finetune_initializes_from_the_export_not_at_random(trained, tmp_path, monkeypatch):
-    import dreamteacher.downstream.finetune as ft
+    import dreamteacher.workflows.finetune as ft
     from conftest import IGNORE, NUM_CLASSES, write_scenes
-    from dreamteacher.checkpoints import read_backbone_export
+    from dreamteacher.nn.weights import read_backbone_export
 
     images, masks = write_scenes(tmp_path / "scenes")
     export = trained / "student" / "backbone.safetensors"
@@ -198,7 +199,7 @@ def test_viz_writes_pngs_and_a_page_that_shows_them(trained):
 
 
 def test_kmeans_maps_give_one_color_per_cluster_in_every_image():
-    from dreamteacher.viz.images import PALETTE, kmeans_maps
+    from dreamteacher.analysis.pictures import PALETTE, kmeans_maps
 
     torch.manual_seed(0)
     feats = torch.randn(2, 4, 6, 6) * 0.05
@@ -220,7 +221,7 @@ def test_rerun_without_resume_refuses_to_overwrite(trained, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "{root}/missing"], "teacher not found: .*missing"),
-    (["--teacher", "{root}/images"], "not a train-teacher run"),
+    (["--teacher", "{root}/images"], "not a teacher this method can use; tried a .train-teacher. run folder"),
     (["--teacher", "{root}/teacher", "--model", "resnet_nope"], "student.backbone 'resnet_nope' is not a timm model"),
     (["--teacher", "{root}/teacher", "--set", "encode.blocks=[0,9]"], "block 9 is out of range"),
 ])

@@ -1,7 +1,7 @@
 import pytest
 
-from dreamteacher.config import available_presets, build_config, parse_overrides
-from dreamteacher.errors import UserError
+from dreamteacher.core.config import available_presets, build_config, parse_overrides
+from dreamteacher.core.errors import UserError
 
 
 def test_every_preset_builds():
@@ -31,7 +31,7 @@ def test_dotted_overrides_and_base_presets():
     ("encode.mode=random", "encode.mode"),
     ("encode.blocks=[1,1]", "encode.blocks"),
     ("data.resolution=[72,96]", "divisible by 16"),
-    ("loss.at_weight=-1", "loss.mse_weight and loss.at_weight must be >= 0"),
+    ("loss.at_weight=-1", "setting 'loss.at_weight' must be >= 0, got -1.0"),
     ("loss.whiten=channel", "loss.whiten must be 'pixel' or 'layer', got 'channel'"),
     ("teacher_train.precision=bf8", "teacher_train.precision must be one of 32-true, bf16-mixed"),
     ("trainer.precision=half", "trainer.precision must be one of"),

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import TINY, write_images
 from dreamteacher.api import pretrain
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
 from dreamteacher.losses import image_infonce, moco_infonce, pixel_infonce
 from dreamteacher.methods.pcd import NegativeQueue
 from dreamteacher.teachers.moco import MOCO_FILE, SpatialAdaptor, channelwise_relu, load_moco_teacher, mlp
@@ -100,7 +100,7 @@ def test_negative_queue_writes_in_order_and_overwrites_the_oldest_first():
 def test_two_views_differ_and_are_reproducible_per_sample(tmp_path):
     from dreamteacher.data.images import ImageFolder
     from dreamteacher.data.views import TwoViews
-    from dreamteacher.train.engine import SeededSamples
+    from dreamteacher.data.sampling import SeededSamples
 
     images = ImageFolder(write_images(tmp_path / "img", count=2, size=(40, 48)), [32, 32], hflip=False)
     samples = SeededSamples(TwoViews(images, [0.3, 1.0]), seed=0, noise=False)
@@ -210,16 +210,16 @@ def test_pcd_refuses_a_feature_cache_and_a_missing_teacher(mocov3_run, tmp_path)
     root, images = mocov3_run
     with pytest.raises(UserError, match="pcd needs --teacher"):
         pretrain(images, tmp_path / "a", method="pcd", overrides=TINY + CONTRAST, progress=False)
-    with pytest.raises(UserError, match="--cache is for dt-feat and dt-mix"):
+    with pytest.raises(UserError, match=r"--cache is not an input of --method pcd \(it takes --teacher\)"):
         pretrain(images, tmp_path / "b", method="pcd", teacher=root / "mocov3", cache=tmp_path / "c",
                  overrides=TINY + CONTRAST, progress=False)
-    with pytest.raises(UserError, match="mocov3 learns from the images alone"):
+    with pytest.raises(UserError, match=r"--teacher is not an input of --method mocov3 \(it takes the images alone\)"):
         pretrain(images, tmp_path / "c", method="mocov3", teacher=root / "mocov3", overrides=TINY + CONTRAST,
                  progress=False)
 
 
 def test_norm_rescale_multiplies_the_pretrained_conv_weights(mocov3_run):
-    from dreamteacher.downstream.models import Segmenter
+    from dreamteacher.nn.segmenters import Segmenter
 
     root, _ = mocov3_run
     weights = load_file(str(root / "mocov3" / "backbone.safetensors"))

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dreamteacher.data.images import ImageFolder, list_images, load_rgb
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
 
 
 def test_modes_are_converted_to_rgb(tmp_path):

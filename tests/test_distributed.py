@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from conftest import TINY, write_images
 from dreamteacher import api
-from dreamteacher.checkpoints import read_checkpoint
+from dreamteacher.export.checkpoints import read_checkpoint
 from dreamteacher.data.images import ImageFolder
-from dreamteacher.train.engine import EpochKeySampler, SeededSamples, seeded_noise
+from dreamteacher.data.sampling import EpochKeySampler, SeededSamples, seeded_noise
 
 CLI = [sys.executable, "-m", "dreamteacher.cli"]
 

@@ -15,10 +15,11 @@ from PIL import Image
 
 from conftest import IGNORE, NUM_CLASSES, TINY, write_scenes
 from dreamteacher.cli import main
-from dreamteacher.downstream.data import SegmentationData, read_split
-from dreamteacher.downstream.finetune import crop_box, evaluate, finetune, lr_factor
-from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from dreamteacher.errors import UserError
+from dreamteacher.data.labeled import SegmentationData, read_split
+from dreamteacher.workflows.evaluate import crop_box, evaluate
+from dreamteacher.workflows.finetune import finetune, lr_factor
+from dreamteacher.analysis.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from dreamteacher.core.errors import UserError
 
 # 32x32 training crops of a test_resnet student, a 32-wide UperNet, a few iterations
 FINETUNE = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
@@ -144,7 +145,7 @@ def test_readout_trains_only_the_linear_layer(scenes, tmp_path):
     finetune(None, images, masks, out, overrides={**FINETUNE, "model": {**FINETUNE["model"], "head": "readout"}},
              progress=False)
     weights = load_file(out / "segmenter.safetensors")
-    from dreamteacher.downstream.models import Segmenter
+    from dreamteacher.nn.segmenters import Segmenter
 
     torch.manual_seed(0)
     fresh = Segmenter("readout", "test_resnet", NUM_CLASSES)
@@ -176,6 +177,15 @@ def write_recipe(tmp_path: Path, images: Path, masks: Path) -> Path:
                  "eval_images": "images", "eval_masks": "masks",
                  "splits": {"1-30": "splits/small.txt", "full": "splits/all.txt"}},
         "pretrain_overrides": pretrain,
+        "stages": {"teacher": {"train_teacher": "ddpm"}, "teacher-untrained": {"train_teacher": "ddpm", "untrained": True},
+                   "teacher-stylegan2": {"train_teacher": "stylegan2", "overrides": "gan-teacher"},
+                   "dt-feat": {"method": "dt-feat", "teacher": "teacher"},
+                   "dt-feat-untrained": {"method": "dt-feat", "teacher": "teacher-untrained"},
+                   "dt-feat-gan": {"method": "dt-feat", "teacher": "teacher-stylegan2"},
+                   "dt-feat+ddep": {"method": "ddep", "encoder": "dt-feat", "overrides": "ddep"},
+                   "dt-mix": {"method": "dt-mix", "teacher": "teacher", "interpreter": "labels"},
+                   "teacher-interpreter": {"interpreter": "teacher"},
+                   "moco-teacher": {"method": "mocov3"}, "pcd": {"method": "pcd", "teacher": "moco-teacher"}},
         "finetune_overrides": FINETUNE,
         "iterations": {"1-30": 2, "full": 3},
         "seeds": {"1-30": [0, 1], "full": [0]},
@@ -188,7 +198,7 @@ def write_recipe(tmp_path: Path, images: Path, masks: Path) -> Path:
 
 
 def test_bench_runs_every_cell_writes_tables_and_resumes_without_recomputing(scenes, tmp_path, monkeypatch):
-    import dreamteacher.downstream.finetune as ft
+    from dreamteacher.bench import cells as ft
     from dreamteacher.bench.runner import bench
 
     images, masks = scenes
@@ -253,11 +263,10 @@ def test_bench_scores_every_cell_on_every_evaluation_set_with_one_table_each(sce
     over scratch on both, and a set added later costs evaluations only, no fine-tuning."""
     import shutil
 
-    import dreamteacher.downstream.finetune as ft
+    from dreamteacher.bench import cells as ft
     from dreamteacher.bench.runner import bench
 
     images, masks = scenes
-    root = images.parent
     other_images, other_masks = write_scenes(tmp_path / "other", count=3, seed=7)
     recipe = write_recipe(tmp_path, images, masks)
     spec = yaml.safe_load(recipe.read_text())
@@ -335,7 +344,7 @@ def test_bench_refuses_unknown_rows_and_missing_data(scenes, tmp_path):
 
 
 def test_bench_device_moves_every_stage_without_touching_cpu_keys(scenes, tmp_path):
-    from dreamteacher.bench.runner import DEVICE_SETTINGS, Bench
+    from dreamteacher.bench.recipes import DEVICE_SETTINGS, Bench
 
     images, masks = scenes
     spec = yaml.safe_load(write_recipe(tmp_path, images, masks).read_text())
@@ -366,16 +375,19 @@ def test_bench_feature_cache_is_built_once_per_teacher_and_read_by_its_students(
     inputs = json.loads((out / "runs" / "pretrain-dt-feat-untrained" / "inputs.json").read_text())
     assert inputs["cache"] == str((caches[0] / "features").resolve())  # the student never ran the teacher
     row = result.rows[0]
-    assert set(row["pretrain_stages"]) == {"teacher", "cache", "student"}
+    assert set(row["pretrain_stages"]) == {"teacher-untrained", "cache", "dt-feat-untrained"}
     assert row["pretrain_stages"]["cache"]["seconds"] > 0
     assert row["pretrain_seconds"] >= sum(s["seconds"] for s in row["pretrain_stages"].values()) - 0.2
-    assert "from the offline feature cache (4 encodings per image)." in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "students of a diffusion teacher read the offline feature cache, 4 encodings per image" in table
+    assert "`teacher-untrained`: a teacher, ddpm at its random initialization; `dt-feat-untrained`: dt-feat on the " \
+        "test_resnet from teacher `teacher-untrained`: 2 epochs, t=50, blocks [0, 2, 4]" in table
 
     # the online student of the same recipe without the cache is another stage (another result)
     spec["feature_cache"] = False
     recipe.write_text(yaml.safe_dump(spec))
     online = bench(recipe, tmp_path / "online", progress=False, rows=["dt-feat-untrained"], fractions=["1-30"])
-    assert set(online.rows[0]["pretrain_stages"]) == {"teacher", "student"}
+    assert set(online.rows[0]["pretrain_stages"]) == {"teacher-untrained", "dt-feat-untrained"}
     assert json.loads((tmp_path / "online" / "runs" / "pretrain-dt-feat-untrained" / "inputs.json").read_text()
                       )["cache"] is None
 
@@ -398,7 +410,7 @@ def test_bench_denoising_rows_start_from_the_pretrained_decoder(scenes, tmp_path
     assert made[("dep", "upernet")]["initialized"] == "backbone"  # UperNet has no pretrained decoder to take
     ddep = made[("dt-feat+ddep", "unet")]
     assert ddep["initialized"] == "backbone+decoder"
-    assert set(ddep["pretrain_stages"]) == {"teacher", "student", "ddep"}  # its wall-clock counts all three
+    assert set(ddep["pretrain_stages"]) == {"teacher", "dt-feat", "dt-feat+ddep"}  # its wall-clock counts all three
     assert ddep["pretrain_seconds"] >= sum(s["seconds"] for s in ddep["pretrain_stages"].values()) - 0.2
     table = (tmp_path / "bench" / "results.md").read_text()
     assert "| dt-feat+ddep | unet | backbone+decoder |" in table
@@ -422,12 +434,14 @@ def test_bench_contrastive_rows_train_a_moco_teacher_then_pcd(scenes, tmp_path):
     assert set(made["mocov3"]["pretrain_stages"]) == {"mocov3"}
     runs = tmp_path / "bench" / "runs"
     teacher = yaml.safe_load((runs / "pretrain-pcd" / "inputs.json").read_text())["teacher"]
-    assert teacher == str((runs / "pretrain-moco-teacher").resolve())
+    assert teacher == str((runs / "pretrain-moco-teacher" / "moco_v3.pth").resolve())
     init = json.loads((runs / "cells" / "pcd--upernet" / "1-30-seed0" / "init.json").read_text())
     assert init["backbone_init"] == "pretrained" and init["norm_rescale"] == 0.25
     table = (tmp_path / "bench" / "results.md").read_text()  # the table says what they trained with
-    assert "`mocov3`: MoCo v3 on the test_resnet itself, 1 epochs, lars base lr 1" in table
-    assert "distilled by PCD (1 epochs, lars base lr 1 (x batch" in table and "queue 8)" in table
+    assert "`mocov3`: mocov3 on the test_resnet: 1 epochs, lars base lr 1 (x batch 4 / 256)" in table
+    assert "`moco-teacher`: mocov3 on the test_resnet: 1 epochs" in table
+    assert "`pcd`: pcd on the test_resnet from teacher `moco-teacher`: 1 epochs, lars base lr 1 (x batch" in table
+    assert "queue 8" in table
 
 
 def test_bench_gan_row_trains_a_stylegan2_then_distills_its_samples(scenes, tmp_path):
@@ -445,11 +459,13 @@ def test_bench_gan_row_trains_a_stylegan2_then_distills_its_samples(scenes, tmp_
     result = bench(recipe, tmp_path / "bench", progress=False, rows=["dt-feat-gan"], fractions=["1-30"])
     row = result.rows[0]
     assert row["method"] == "dt-feat-gan" and row["initialized"] == "backbone"
-    assert row["pretrain_stages"]["teacher"]["steps"] == 2  # GAN iterations, the teacher's time counted
+    assert row["pretrain_stages"]["teacher-stylegan2"]["steps"] == 2  # GAN iterations, the teacher's time counted
     assert (tmp_path / "bench" / "runs" / "teacher-stylegan2" / "teacher" / "stylegan2.json").is_file()
     # the table's header says which teacher the GAN row had, not only the preset's diffusion one
-    assert "a StyleGAN2 teacher instead (2 iterations" in (tmp_path / "bench" / "results.md").read_text()
-    assert "levels [0, 1, 2]" in (tmp_path / "bench" / "results.md").read_text()
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "`teacher-stylegan2`: a teacher, StyleGAN2 with levels [16, 16, 8] wide, 2 iterations" in table
+    assert "`dt-feat-gan`: dt-feat on the test_resnet from teacher `teacher-stylegan2`: 2 epochs, t=50, " \
+        "blocks [0, 1, 2]" in table
 
 
 def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_path):
@@ -473,9 +489,9 @@ def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_p
     interp = made[("teacher-interpreter", "1-30")]
     assert interp["labeled"] == 2 and interp["initialized"] == "teacher+interpreter"
     mix = made[("dt-mix", "1-30")]
-    assert mix["initialized"] == "backbone+decoder" and set(mix["pretrain_stages"]) == {"teacher", "interpreter", "student"}
+    assert mix["initialized"] == "backbone+decoder" and set(mix["pretrain_stages"]) == {"teacher", "interpreter", "dt-mix"}
     # the dt-mix row used the interpreter of its own fraction (the 1-30 one)
     runs = tmp_path / "bench" / "runs"
-    assert (runs / "pretrain-dt-mix-1-30-seed0").is_dir() and not (runs / "pretrain-dt-mix-full-seed0").exists()
+    assert (runs / "pretrain-dt-mix-1-30").is_dir() and not (runs / "pretrain-dt-mix-full").exists()
     assert all(r["inference_gflops"] > 0 for r in result.rows)
     assert interp["inference_gflops"] != mix["inference_gflops"]

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from dreamteacher.cli import main
-from dreamteacher.config import build_config
-from dreamteacher.errors import UserError
-from dreamteacher.checkpoints import BACKBONE_PREFIX, export_backbone
+from dreamteacher.core.config import build_config
+from dreamteacher.core.errors import UserError
+from dreamteacher.export.checkpoints import export_backbone
+
+BACKBONE_PREFIX = "backbone.features.model."  # where a dt-feat student holds its timm model
 from dreamteacher.describe import describe
 
 

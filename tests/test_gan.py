@@ -10,12 +10,13 @@ import torch
 
 from conftest import TINY, write_images
 from dreamteacher.api import pretrain, train_teacher
-from dreamteacher.config import GanConfig
-from dreamteacher.errors import UserError
+from dreamteacher.teachers.stylegan2 import GanConfig
+from dreamteacher.core.errors import UserError
 from dreamteacher.teachers.diffusion import DiffusionTeacher, default_scheduler
-from dreamteacher.teachers.stylegan2 import Discriminator, GanTeacher, Generator
-from dreamteacher.teachers.training import build_unet
-from dreamteacher.config import build_config
+from dreamteacher.methods.stylegan2 import Discriminator
+from dreamteacher.teachers.stylegan2 import GanTeacher, Generator
+from dreamteacher.teachers.diffusion import build_unet
+from dreamteacher.core.config import build_config
 
 SMALL = GanConfig(z_dim=16, w_dim=16, mapping_layers=2, channels=[32, 16, 8])
 GAN = ["gan.channels=[32,32,16]", "gan.z_dim=16", "gan.w_dim=16", "gan.mapping_layers=2", "gan.r1_every=2",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dreamteacher.losses import dice_loss, interpreter_loss, soft_label_loss
-from dreamteacher.teachers.diffusion import FeatureSpec
-from dreamteacher.teachers.interpreter import FeatureInterpreter
+from dreamteacher.data.features import FeatureSpec
+from dreamteacher.nn.interpreter import FeatureInterpreter
 
 
 def test_interpreter_fuses_coarse_to_fine_and_predicts_at_the_finest_stride():
@@ -56,8 +56,8 @@ def test_soft_label_loss_matches_a_per_pixel_reference():
 def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, tiny_teacher_dir):
     from conftest import IGNORE, NUM_CLASSES, write_scenes
     from dreamteacher.cli import main
-    from dreamteacher.downstream.finetune import evaluate
-    from dreamteacher.downstream.interpreter import train_interpreter
+    from dreamteacher.workflows.evaluate import evaluate
+    from dreamteacher.workflows.interpreter import train_interpreter
 
     images, masks = write_scenes(tmp_path / "scenes")
     settings = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
@@ -93,9 +93,9 @@ def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, 
 def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tiny_teacher_dir):
     from conftest import IGNORE, NUM_CLASSES, TINY, write_images, write_scenes
     from dreamteacher import api
-    from dreamteacher.checkpoints import read_checkpoint
-    from dreamteacher.downstream.interpreter import train_interpreter
-    from dreamteacher.errors import UserError
+    from dreamteacher.export.checkpoints import read_checkpoint
+    from dreamteacher.workflows.interpreter import train_interpreter
+    from dreamteacher.core.errors import UserError
 
     images, masks = write_scenes(tmp_path / "scenes")
     train_interpreter(tiny_teacher_dir, images, masks, tmp_path / "interp", progress=False,
@@ -118,8 +118,8 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     assert (run.run_dir / "backbone.safetensors").is_file()
 
     # G.4: the downstream UperNet starts from the regressor and logit head where it has their layers
-    import dreamteacher.downstream.finetune as ft
-    from dreamteacher.checkpoints import read_decoder_export
+    import dreamteacher.workflows.finetune as ft
+    from dreamteacher.nn.weights import read_decoder_export
 
     decoder, meta = read_decoder_export(run.files["decoder"])
     state = ckpt["state_dict"]

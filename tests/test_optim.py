@@ -6,14 +6,16 @@ import pytest
 import torch
 from timm.optim import Lamb
 
-from dreamteacher.config import build_config
+from dreamteacher.core.config import build_config
 from dreamteacher.methods.base import PretrainMethod
-from dreamteacher.train.engine import warmup_cosine
+from dreamteacher.nn.optim import warmup_cosine
 
 
 class Tiny(PretrainMethod):
+    name = "tiny"
+
     def __init__(self, config):
-        super().__init__(config, method="tiny")
+        super().__init__(config)
         self.layer = torch.nn.Linear(4, 4)
         self.norm = torch.nn.LayerNorm(4)
 
@@ -43,7 +45,7 @@ def test_warmup_then_cosine():
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_finetune_backbone_lr_scale_and_no_decay_on_biases(name):
-    from dreamteacher.downstream.finetune import SegmentationTraining, build_finetune_config
+    from dreamteacher.workflows.finetune import SegmentationTraining, build_finetune_config
 
     config = build_finetune_config(overrides=[f"optim.name={name}", "optim.lr=0.01", "optim.weight_decay=0.05",
                                               "optim.backbone_lr_scale=0.1", "optim.warmup_iters=0",

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
 from dreamteacher.methods.dt_feat import pair_levels, resize_to
-from dreamteacher.students.backbone import Backbone
-from dreamteacher.students.regressor import FeatureRegressor
-from dreamteacher.teachers.diffusion import FeatureSpec
+from dreamteacher.nn.backbone import Backbone
+from dreamteacher.nn.regressor import FeatureRegressor
+from dreamteacher.data.features import FeatureSpec
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])

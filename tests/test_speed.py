@@ -29,8 +29,8 @@ def test_bench_speed_times_parts_whole_and_cache(tmp_path):
 def test_trainers_keep_freed_host_memory_unless_turned_off(tmp_path, monkeypatch):
     import platform
 
-    from dreamteacher.config import TrainerConfig
-    from dreamteacher.train import engine
+    from dreamteacher.core.config import TrainerConfig
+    from dreamteacher.engine import trainer as engine
 
     if platform.libc_ver()[0] == "glibc":
         assert engine.reuse_host_memory()  # mallopt accepted both settings

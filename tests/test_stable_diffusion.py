@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, write_images
 from dreamteacher.api import pretrain
-from dreamteacher.teachers.diffusion import load_diffusion_teacher
+from dreamteacher.teachers.base import load_diffusion_teacher
 from dreamteacher.teachers.latent import LatentDiffusionTeacher
 
 transformers = pytest.importorskip("transformers")

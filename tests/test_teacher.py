@@ -5,8 +5,9 @@ import torch
 from diffusers import UNet2DModel
 
 from conftest import tiny_unet
-from dreamteacher.errors import UserError
-from dreamteacher.teachers.diffusion import DiffusionTeacher, decoder_blocks, default_scheduler, load_diffusion_teacher
+from dreamteacher.core.errors import UserError
+from dreamteacher.teachers.base import load_diffusion_teacher
+from dreamteacher.teachers.diffusion import DiffusionTeacher, decoder_blocks, default_scheduler
 
 
 def make_teacher(blocks=(0, 2, 4), t=50, mode="stochastic", **kw) -> DiffusionTeacher:
@@ -90,7 +91,7 @@ def test_out_of_range_block_and_missing_teacher_are_clear_errors(tmp_path):
         load_diffusion_teacher(bogus, blocks=[0], t=10)
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
-    with pytest.raises(UserError, match="expected a diffusers UNet2DModel folder, found 'AutoencoderKL'"):
+    with pytest.raises(UserError, match="expected a diffusers UNet2DModel, its config.json says 'AutoencoderKL'"):
         load_diffusion_teacher(tmp_path / "vae", blocks=[0], t=10)
 
 

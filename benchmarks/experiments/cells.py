@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import dreamteacher as dt
-from dreamteacher.bench.runner import DEVICE_SETTINGS, Bench, _deep_merge, eval_sets, load_recipe
+from dreamteacher.bench.recipes import DEVICE_SETTINGS, Bench, deep_merge as _deep_merge, eval_sets, load_recipe
 
 recipe = load_recipe("camvid-cpu")
 root = Path(recipe["data"]["root"])

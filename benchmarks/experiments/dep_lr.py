@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import heldout_miou_at_1_30, miou_at_1_30, root
-from dreamteacher.bench.runner import DEVICE_SETTINGS
+from dreamteacher.bench.recipes import DEVICE_SETTINGS
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cpu", choices=sorted(DEVICE_SETTINGS))

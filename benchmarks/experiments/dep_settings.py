@@ -20,8 +20,8 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, heldout_miou_at_1_30, interrupted, miou_at_1_30, root
-from dreamteacher.bench.runner import DEVICE_SETTINGS, _deep_merge, load_recipe
-from dreamteacher.config import parse_overrides
+from dreamteacher.bench.recipes import DEVICE_SETTINGS, deep_merge as _deep_merge, load_recipe
+from dreamteacher.core.config import parse_overrides
 
 parser = argparse.ArgumentParser()
 parser.add_argument("name", help="the work folder's name: OUT/dep-NAME")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, heldout_miou_at_1_30, interrupted, miou_at_1_30, root
-from dreamteacher.bench.runner import DEVICE_SETTINGS, _deep_merge
-from dreamteacher.config import build_config, parse_overrides
+from dreamteacher.bench.recipes import DEVICE_SETTINGS, _deep_merge
+from dreamteacher.core.config import build_config, parse_overrides
 
 parser = argparse.ArgumentParser()
 parser.add_argument("name", help="the work folder's name: OUT/distill-NAME")

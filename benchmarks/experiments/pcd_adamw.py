@@ -18,6 +18,7 @@ import copy
 from pathlib import Path
 
 from cells import recipe, recipe_bench, root, score_into
+from dreamteacher.bench.pipeline import stage
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=str(root))
@@ -42,10 +43,10 @@ def score(name: str, backbone: str | None, overrides: dict) -> float:
     return score_into(result, out, name, backbone, overrides, data)
 
 
-teacher = bench.own_stage("moco-teacher", "mocov3", None, True, overrides_name="moco-teacher")
+teacher = stage(bench, "moco-teacher")
 result["seconds"]["moco-teacher"] = teacher["stages"]["moco-teacher"]["seconds"]
 readout = {"model": {"head": "readout", "backbone": "resnet50"}, "optim": {"iterations": 100}}
 if score("readout_moco_teacher_resnet50", teacher["backbone"], readout) > 21.74:
-    pcd = bench.own_stage("pcd", "pcd", teacher, True)
+    pcd = stage(bench, "pcd")
     result["seconds"]["pcd"] = pcd["stages"]["pcd"]["seconds"]
     score("finetune_pcd", pcd["backbone"], {})

@@ -25,8 +25,9 @@ import json
 from pathlib import Path
 
 from cells import recipe, recipe_bench, root, score_into
+from dreamteacher.bench.pipeline import stage
 
-from dreamteacher.bench.runner import _deep_merge
+from dreamteacher.bench.recipes import deep_merge as _deep_merge
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=str(root))
@@ -44,12 +45,13 @@ for method, optim in lars.items():
 norm_rescale = {"model": {"norm_rescale": 0.25}}
 
 table = recipe_bench(lars_spec, out, data)
-teacher = table.own_stage("moco-teacher", "mocov3", None, True, overrides_name="moco-teacher")
-pcd = table.backbone_stage("pcd")
+teacher = stage(table, "moco-teacher")
+pcd = stage(table, "pcd")
 variant_spec = copy.deepcopy(lars_spec)
 variant_spec["method_overrides"]["pcd-queue256"] = _deep_merge(lars_spec["method_overrides"]["pcd"],
                                                                {"contrast": {"queue_size": 256}})
-pcd_queue256 = recipe_bench(variant_spec, out, data).own_stage("pcd-queue256", "pcd", teacher, True, overrides_name="pcd-queue256")
+variant_spec["stages"]["pcd-queue256"] = {"method": "pcd", "teacher": "moco-teacher"}
+pcd_queue256 = stage(recipe_bench(variant_spec, out, data), "pcd-queue256")
 
 result = {"stages_seconds": {"moco-teacher": teacher["stages"]["moco-teacher"]["seconds"],
                              "pcd": pcd["stages"]["pcd"]["seconds"],
@@ -62,8 +64,8 @@ def score(name: str, backbone: str | None, overrides: dict) -> float:
 
 
 # the table's cells (UperNet) with NormRescale, as the LARS pcd row had
-for name, stage in (("finetune_pcd_queue1024", pcd), ("finetune_pcd_queue256", pcd_queue256)):
-    score(name, stage["backbone"], norm_rescale)
+for name, made in (("finetune_pcd_queue1024", pcd), ("finetune_pcd_queue256", pcd_queue256)):
+    score(name, made["backbone"], norm_rescale)
 
 readouts = {  # name -> (backbone file or None for random init, architecture)
     "readout_moco_teacher_resnet50": (teacher["backbone"], "resnet50"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, interrupted, miou_at_1_30, root
-from dreamteacher.bench.runner import DEVICE_SETTINGS, _deep_merge
+from dreamteacher.bench.recipes import DEVICE_SETTINGS, _deep_merge
 
 parser = argparse.ArgumentParser()
 parser.add_argument("epochs", type=int, nargs="?", default=90)

@@ -21,8 +21,9 @@ from pathlib import Path
 import yaml
 
 from cells import recipe, root
-from dreamteacher.bench.runner import _deep_merge, bench
-from dreamteacher.config import parse_overrides
+from dreamteacher.bench.recipes import deep_merge as _deep_merge
+from dreamteacher.bench.runner import bench
+from dreamteacher.core.config import parse_overrides
 
 parser = argparse.ArgumentParser()
 parser.add_argument("name", help="the work folder's name: OUT/unseen-NAME")

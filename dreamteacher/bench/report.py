@@ -9,7 +9,7 @@ import math
 import statistics
 from pathlib import Path
 
-from dreamteacher.checkpoints import write_text_atomic
+from dreamteacher.core.runs import write_text_atomic
 
 FRACTION_ORDER = ("1-30", "1-8", "1-4", "full")
 FRACTION_LABEL = {"1-30": "1/30", "1-8": "1/8", "1-4": "1/4", "full": "all"}
@@ -61,37 +61,6 @@ def _row_keys(summary: list[dict]) -> list[tuple[str, str]]:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds else "-"
-
-
-def _loss_text(loss: dict) -> str:
-    """The distillation loss of Eq. 3 in words, e.g. 'whitened MSE (per-pixel LayerNorm) + 10 x attention
-    transfer'."""
-    terms = []
-    if loss["mse_weight"] > 0:
-        weight = "" if loss["mse_weight"] == 1 else f"{loss['mse_weight']:g} x "
-        terms.append(f"{weight}whitened MSE (per-{loss['whiten']} LayerNorm)")
-    if loss["at_weight"] > 0:
-        terms.append(f"{loss['at_weight']:g} x attention transfer")
-    return " + ".join(terms)
-
-
-def _contrastive_text(settings: dict | None, methods: set[str]) -> str:
-    """What the contrastive rows trained with, e.g. ' `pcd`: a MoCo v3 resnet50 teacher (30 epochs) ...'."""
-    if not settings:
-        return ""
-
-    def optim(s: dict) -> str:
-        return f"{s['optimizer']} base lr {s['base_lr']:g} (x batch {s['batch_size']} / 256), wd {s['weight_decay']:g}"
-
-    text = ""
-    if "mocov3" in methods:
-        s = settings["mocov3"]
-        text += f" `mocov3`: MoCo v3 on the {s['backbone']} itself, {s['epochs']} epochs, {optim(s)}."
-    if "pcd" in methods:
-        t, s = settings["moco-teacher"], settings["pcd"]
-        text += (f" `pcd`: a MoCo v3 {t['backbone']} teacher ({t['epochs']} epochs, {optim(t)}) distilled by PCD "
-                 f"({s['epochs']} epochs, {optim(s)}, queue {s['queue_size']}).")
-    return text
 
 
 def _eval_text(meta: dict, names: list[str]) -> str:
@@ -172,7 +141,7 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     summary_all = summarize(rows)
     fractions = [f for f in FRACTION_ORDER if any(s["fraction"] == f for s in summary_all)]
     labeled = {s["fraction"]: s["labeled"] for s in summary_all}
-    pre, fine, gan, dep = meta["pretrain"], meta["finetune"], meta.get("gan_teacher"), meta.get("dep")
+    pre, fine = meta["pretrain"], meta["finetune"]
     chosen = meta.get("settings_chosen_on")
     lines = [
         f"# Benchmark `{meta['recipe']}`",
@@ -188,19 +157,10 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     lines += [
         f"- Resolution: {meta['image_size'][0]}x{meta['image_size'][1]} (pretraining "
         f"{pre['resolution'][0]}x{pre['resolution'][1]}); backbone {meta['backbone']}.",
-        f"- Pretraining (`{pre['preset']}` preset): teacher {pre['teacher_steps']} steps"
-        + (f" on {pre['teacher_crop'][0]}x{pre['teacher_crop'][1]} crops" if pre.get("teacher_crop") else "")
-        + f", student {pre['epochs']} epochs, t={pre['t']}, blocks {pre['blocks']}"
-        + (f", loss {_loss_text(pre['loss'])}" if pre.get("loss") else "")
-        + (f", from the offline feature cache ({pre['cache_encodings']} encodings per image)."
-           if pre.get("cache_encodings") else ".")
-        + (f" `dt-feat-gan`: a StyleGAN2 teacher instead ({gan['iterations']} iterations on the same images), "
-           f"its student {gan['student_epochs']} epochs on the images it synthesizes, levels {gan['blocks']}."
-           if gan and any(row["method"] == "dt-feat-gan" for row in rows) else "")
-        + (f" `dep`: the U-Net ({dep['unet_width']} wide) denoises at sigma {dep['sigma']:g} for {dep['epochs']} epochs"
-           + (f" of {dep['crop'][0]}x{dep['crop'][1]} crops." if dep.get("crop") else ".")
-           if dep and any(row["method"] == "dep" for row in rows) else "")
-        + _contrastive_text(meta.get("contrastive"), {row["method"] for row in rows}),
+        f"- Pretraining (`{pre['preset']}` preset"
+        + (f"; students of a diffusion teacher read the offline feature cache, {pre['cache_encodings']} encodings "
+           "per image" if pre.get("cache_encodings") else "") + "): "
+        + "; ".join(meta.get("stages", [])) + ".",
         f"- Fine-tuning (`{fine['preset']}` preset): iterations per fraction {fine['iterations']}, batch "
         f"{fine['batch_size']}, {fine['optimizer']} lr {fine['lr']}, UperNet width {fine['decoder_channels']}; "
         f"seeds per fraction {meta['seeds']}.",

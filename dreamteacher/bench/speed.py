@@ -20,10 +20,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from dreamteacher.checkpoints import write_text_atomic
-from dreamteacher.config import build_config
-from dreamteacher.errors import UserError
-from dreamteacher.train.engine import seeded_noise
+from dreamteacher.core.config import build_config
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import write_text_atomic
+from dreamteacher.data.sampling import seeded_noise
+from dreamteacher.workflows.pretrain import prepare_pretraining
+from dreamteacher.workflows.teacher import untrained_teacher
 
 
 class EpochTimer(Callback):
@@ -164,7 +166,6 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
                 teacher: str | Path | None = None, data: str | Path | None = None, steps: int = 8,
                 out: str | Path | None = None, cache: bool = True, progress: bool = True) -> dict:
     """Times the parts and the whole of a pretraining step; returns (and writes to `out`) the figures."""
-    from dreamteacher import api
 
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
@@ -187,13 +188,13 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
         else:
             data_desc = str(data)
         if teacher is None:  # timing does not depend on the weights
-            teacher = api.untrained_teacher(work / "teacher", preset, overrides)
+            teacher = untrained_teacher(work / "teacher", preset, overrides)
             teacher_desc = f"untrained {preset or 'default'} U-Net"
         else:
             teacher_desc = str(teacher)
 
         def job(name: str, cache_dir: Path | None = None):
-            prepared = api.prepare_pretraining(data, work / name, teacher, preset=preset, overrides=overrides,
+            prepared = prepare_pretraining(data, work / name, teacher, preset=preset, overrides=overrides,
                                                progress=progress, cache=cache_dir, callbacks=[EpochTimer()])
             if prepared.steps_per_epoch != steps:
                 raise UserError(f"bench-speed: {data} gives {prepared.steps_per_epoch} steps per epoch at batch "

@@ -27,7 +27,7 @@ def byol_view(resolution: list[int], crop_scale: list[float], blur_p: float, sol
 
 class TwoViews(Dataset):
     """{"images": view 1, "views2": view 2}, both in [-1, 1] at the dataset resolution. Randomness comes
-    from torch's generator, so `engine.SeededSamples` makes every sample's views reproducible."""
+    from torch's generator, so `data.sampling.SeededSamples` makes every sample's views reproducible."""
 
     def __init__(self, images: ImageFolder, crop_scale: list[float], hflip: bool = True):
         self.images = images

@@ -1,17 +1,53 @@
 """DreamTeacher feature distillation (section 3.1): student + feature regressor regress the frozen
-teacher's multi-level features; L = w_mse * MSE(whitened) + w_at * AT (Eq. 1-3)."""
+teacher's multi-level features; L = w_mse * MSE(whitened) + w_at * AT (Eq. 1-3).
+
+The teacher is a diffusion model encoding the real images (online, or read back from the offline
+feature cache), or a GAN rendering the images the student sees (its synthesized dataset)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
-from dreamteacher.config import Config
+from dreamteacher.core.config import Config, Section, bounded, register_section
+from dreamteacher.core.errors import UserError
+from dreamteacher.data.augment import DistillationViews
+from dreamteacher.data.features import FeatureSpec
+from dreamteacher.data.images import SynthesizedSeeds
 from dreamteacher.losses import attention_transfer_loss, whitened_mse_loss
-from dreamteacher.methods.base import PretrainMethod
-from dreamteacher.students.backbone import Backbone
-from dreamteacher.students.regressor import FeatureRegressor
-from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
+from dreamteacher.methods.base import PretrainInputs, PretrainMethod, register_method
+from dreamteacher.nn.backbone import Backbone
+from dreamteacher.nn.regressor import FeatureRegressor
+from dreamteacher.teachers.diffusion import DiffusionTeacher
+
+WHITENINGS = ("pixel", "layer")
+
+
+@dataclass
+class LossConfig(Section):
+    """The distillation loss (Eq. 3), and dt-mix's label distillation (Eq. 5-6)."""
+
+    mse_weight: float = bounded(1.0, low=0)
+    # what the LayerNorm whitening of Eq. 1 normalizes over: "pixel" (the channels at each pixel) or
+    # "layer" (each sample's whole C x H x W map); see losses/feature.py `whiten`
+    whiten: str = "pixel"
+    at_weight: float = bounded(10.0, low=0)  # lambda_AT of Eq. 3, "to make the two losses in the same scale"
+    at_p: int = bounded(2, low=1)
+    ld_weight: float = bounded(1.0, low=0)  # dt-mix: lambda_ld of Eq. 6
+    ld_temperature: float = bounded(4.0, low=0, low_open=True)  # dt-mix: tau of Eq. 5
+
+    def check(self, config: Any) -> None:
+        if self.mse_weight == 0 and self.at_weight == 0:
+            raise UserError("loss.mse_weight and loss.at_weight are both 0: nothing to train")
+        if self.whiten not in WHITENINGS:
+            raise UserError(f"loss.whiten must be 'pixel' or 'layer', got '{self.whiten}'")
+
+
+register_section("loss", LossConfig)
 
 
 def pair_levels(specs: list[FeatureSpec], num_levels: int = 4) -> list[int]:
@@ -46,19 +82,70 @@ def place_teacher(teacher: DiffusionTeacher, device: torch.device, precision: st
         torch.nn.Module.to(teacher.unet, torch.bfloat16)
 
 
+def synthesizes(inputs: PretrainInputs) -> bool:
+    """A teacher that renders the images the student sees (a GAN) rather than encoding real ones."""
+    return inputs.teacher_model is not None and not hasattr(inputs.teacher_model, "encode")
+
+
+@register_method
 class DTFeat(PretrainMethod):
     """batch -> {"loss", "mse", "at"}. A batch is images in [-1, 1], encoded online by the teacher,
-    or (images, teacher features) from the offline feature cache (`teachers/cache.py`).
+    or (images, teacher features) from the offline feature cache (`data/features.py`).
 
     The teacher is held outside the module tree: it is not wrapped by DDP, not in the optimizer, not
     in checkpoints (its path is). With the cache there is no teacher at all while training.
     """
 
+    name = "dt-feat"
+    summary = "DreamTeacher feature distillation from a diffusion or GAN --teacher"
+    teacher_families = ("diffusion", "gan")
+    reads_cache = True
+    sections = ("data", "encode", "student", "loss", "optim", "trainer")
+
+    @classmethod
+    def check_config(cls, config: Config, inputs: PretrainInputs) -> None:
+        if synthesizes(inputs):
+            if inputs.cache is not None:
+                raise UserError(f"--teacher {inputs.teacher} is a GAN: its dataset is synthesized online (no --cache)")
+            if config.data.crop_scale or config.data.color_jitter > 0:
+                raise UserError(f"--teacher {inputs.teacher} is a GAN: it renders the images the student sees; "
+                                "data.crop_scale and data.color_jitter are for real images")
+
+    @classmethod
+    def dataset(cls, images: Dataset, config: Config, inputs: PretrainInputs) -> Dataset:
+        if synthesizes(inputs):
+            return SynthesizedSeeds(len(images))  # --data's image count sets the epoch length
+        if config.data.crop_scale or config.data.color_jitter > 0:
+            return DistillationViews(images, config.data.crop_scale, config.data.color_jitter)
+        return images
+
+    @classmethod
+    def needs_noise(cls, config: Config, inputs: PretrainInputs) -> bool:
+        return synthesizes(inputs) or (inputs.cache is None and config.encode.mode == "stochastic")
+
+    @classmethod
+    def build(cls, config: Config, inputs: PretrainInputs) -> "DTFeat":
+        return cls(config, inputs.feature_specs, inputs.teacher_model, teacher_path=str(inputs.teacher))
+
+    @classmethod
+    def describe_settings(cls, config: Config) -> str:
+        loss = config.loss
+        terms = [f"{'' if loss.mse_weight == 1 else f'{loss.mse_weight:g} x '}whitened MSE (per-{loss.whiten} "
+                 "LayerNorm)"] if loss.mse_weight > 0 else []
+        if loss.at_weight > 0:
+            terms.append(f"{loss.at_weight:g} x attention transfer")
+        aug = []
+        if config.data.crop_scale:
+            aug.append(f"crops of {config.data.crop_scale[0]:g}-{config.data.crop_scale[1]:g} of the area")
+        if config.data.color_jitter > 0:
+            aug.append(f"color jitter {config.data.color_jitter:g} on the student's image")
+        return (f"{config.optim.epochs} epochs, t={config.encode.t}, blocks {config.encode.blocks}, loss "
+                + " + ".join(terms) + (f", {' and '.join(aug)}" if aug else ""))
+
     def __init__(self, config: Config, feature_specs: list[FeatureSpec], teacher: DiffusionTeacher | None = None,
-                 teacher_path: str = "", method: str = "dt-feat", extra: dict | None = None):
-        super().__init__(config, method=method, extra={"teacher": teacher_path,
-                                                       "teacher_features": [vars(s) for s in feature_specs],
-                                                       **(extra or {})})
+                 teacher_path: str = "", extra: dict | None = None):
+        super().__init__(config, extra={"teacher": teacher_path, "teacher_features": [vars(s) for s in feature_specs],
+                                        **(extra or {})})
         object.__setattr__(self, "teacher", teacher)  # deliberately unregistered, see class docstring
         self.backbone = Backbone(config.student.backbone)
         self.levels = pair_levels(feature_specs)

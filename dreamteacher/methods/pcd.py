@@ -8,15 +8,18 @@ queue of pooled, l2-normalized teacher vectors (Eq. 3-4); the loss averaged over
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamteacher.config import Config
+from dreamteacher.core.config import Config
 from dreamteacher.losses import image_infonce, pixel_infonce
 from dreamteacher.losses.contrastive import gather_from_all
-from dreamteacher.methods.base import PretrainMethod
-from dreamteacher.students.backbone import Backbone
+from dreamteacher.methods.base import PretrainInputs, register_method
+from dreamteacher.methods.mocov3 import ContrastiveMethod
+from dreamteacher.nn.backbone import Backbone
 from dreamteacher.teachers.moco import MocoTeacher
 
 
@@ -64,12 +67,25 @@ class NegativeQueue(nn.Module):
         self.pointer.copy_((self.pointer + len(keys)) % len(self.vectors))
 
 
-class PCD(PretrainMethod):
+@register_method
+class PCD(ContrastiveMethod):
     """batch {"images": view 1, "views2": view 2} -> {"loss"}. The teacher is held outside the module
     tree (not wrapped by DDP, not in checkpoints or exports); the export is the backbone alone."""
 
+    name = "pcd"
+    summary = "pixel-wise contrastive distillation from a MoCo v3 --teacher"
+    teacher_families = ("moco",)
+
+    @classmethod
+    def build(cls, config: Config, inputs: PretrainInputs) -> "PCD":
+        return cls(config, inputs.teacher_model, str(Path(inputs.teacher).resolve()))
+
+    @classmethod
+    def describe_settings(cls, config: Config) -> str:
+        return super().describe_settings(config) + f", queue {config.contrast.queue_size}"
+
     def __init__(self, config: Config, teacher: MocoTeacher, teacher_path: str = ""):
-        super().__init__(config, method="pcd", extra={"teacher": teacher_path, "teacher_arch": teacher.arch})
+        super().__init__(config, extra={"teacher": teacher_path, "teacher_arch": teacher.arch})
         object.__setattr__(self, "teacher", teacher)
         c = config.contrast
         self.backbone = Backbone(config.student.backbone)

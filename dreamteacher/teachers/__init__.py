@@ -1,5 +1,9 @@
-"""Frozen feature sources: generative models that turn images into multi-level features."""
+"""Frozen feature sources: generative models (and a contrastive encoder) that turn images into
+multi-level features. Every teacher kind registers itself in its module (`teachers/base.py`);
+importing this package imports them all."""
 
-from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec, load_diffusion_teacher
+import importlib
+import pkgutil
 
-__all__ = ["DiffusionTeacher", "FeatureSpec", "load_diffusion_teacher"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

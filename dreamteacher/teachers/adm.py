@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
+from dreamteacher.teachers.base import TeacherKind, register_teacher_kind
+from dreamteacher.teachers.diffusion import DiffusionTeacher, default_scheduler, diffusion_teacher
 
 _RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -171,3 +173,12 @@ def load_adm_checkpoint(path: str | Path, head_channels: int = 64) -> UNet2DMode
         first = str(exc).strip().splitlines()[:2]
         raise UserError(f"teacher {path}: converted weights do not fit UNet2DModel: {' '.join(first)}") from None
     return unet
+
+
+def _load(path: Path, config) -> DiffusionTeacher:
+    return diffusion_teacher(load_adm_checkpoint(path, head_channels=config.encode.adm_head_channels),
+                             default_scheduler(), config)
+
+
+register_teacher_kind(TeacherKind("adm", "diffusion", "an official guided-diffusion (ADM) checkpoint (.pt)",
+                                  lambda p: p.is_file() and p.suffix in (".pt", ".pth"), _load))

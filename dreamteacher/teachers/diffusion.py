@@ -13,6 +13,7 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -20,16 +21,92 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.config import Section, bounded, register_section
+from dreamteacher.core.errors import UserError
+from dreamteacher.data.features import FeatureSpec
+from dreamteacher.data.sampling import seeded_noise
+from dreamteacher.teachers.base import TeacherKind, register_teacher_kind
+
+ENCODE_MODES = ("stochastic", "ddim")
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One teacher feature level: which decoder block, its channels, its stride w.r.t. the input."""
+@dataclass
+class EncodeConfig(Section):
+    """How real images become teacher features (the paper's *encoded dataset*, section 3.1)."""
 
-    block: int
-    channels: int
-    stride: int
+    t: int = bounded(150, low=0)  # 150 for ImageNet-like data, 50 for LSUN/FFHQ/BDD-like (Table 17)
+    # Indices of the U-Net decoder blocks whose outputs are distilled, counted over all layers of all
+    # up blocks (ADM's output_blocks). For ADM-256, blocks 3,6,9,12 sit at strides 16,8,4,2.
+    blocks: list[int] = bounded(low=0, factory=lambda: [3, 6, 9, 12])
+    mode: str = "stochastic"  # or "ddim": deterministic DDIM inversion to t
+    ddim_steps: int = bounded(10, low=1)  # inversion steps for mode=ddim
+    # channels per attention head of a guided-diffusion .pt teacher: not stored in its weights;
+    # 64 for the released 256x256 and LSUN models
+    adm_head_channels: int = bounded(64, low=1)
+    # K stochastic encodings per image in the offline feature cache (`pretrain --cache DIR`); each
+    # epoch draws one of them per image, so K sets how many noise draws the student ever sees
+    cache_encodings: int = bounded(4, low=1)
+
+    def check(self, config: Any) -> None:
+        if self.mode not in ENCODE_MODES:
+            raise UserError(f"encode.mode must be 'stochastic' or 'ddim', got '{self.mode}'")
+        # the diffusion section says how many steps a teacher trained here has (any teacher also
+        # checks t against its own schedule when it is loaded)
+        steps = config.diffusion.num_train_timesteps if hasattr(config, "diffusion") else None
+        if steps is not None and self.t >= steps:
+            raise UserError(f"encode.t must be in [0, {steps}), got {self.t}")
+        if not self.blocks or len(self.blocks) > 4 or len(set(self.blocks)) != len(self.blocks):
+            raise UserError(f"encode.blocks must be 1 to 4 distinct integers, got {self.blocks}")
+
+
+@dataclass
+class DiffusionConfig(Section):
+    """The teacher U-Net trained by `train-teacher` (ADM style, Table 16) and its DDPM."""
+
+    block_out_channels: list[int] = bounded(low=1, factory=lambda: [256, 256, 512, 512, 1024, 1024])
+    layers_per_block: int = bounded(2, low=1)
+    attention_levels: list[int] = bounded(low=0, factory=lambda: [3, 4, 5])  # levels at stride 8,16,32
+    attention_head_dim: int = bounded(64, low=1)
+    dropout: float = bounded(0.0, low=0, high=1, high_open=True)
+    num_train_timesteps: int = bounded(1000, low=1)
+    beta_start: float = bounded(1e-4, low=0, high=1, low_open=True, high_open=True)
+    beta_end: float = bounded(2e-2, low=0, high=1, low_open=True, high_open=True)
+
+    def check(self, config: Any) -> None:
+        levels = len(self.block_out_channels)
+        factor = 2 ** (levels - 1)
+        res = config.data.resolution
+        if any(v % factor for v in res):
+            raise UserError(f"data.resolution {res} must be divisible by {factor} "
+                            f"(the U-Net halves it {levels - 1} times)")
+        crop = config.teacher_train.crop
+        if crop and not (len(crop) == 2 and all(c <= r and c % factor == 0 for c, r in zip(crop, res))):
+            raise UserError(f"teacher_train.crop must be [height, width] within data.resolution {res} and "
+                            f"divisible by {factor}, got {crop}")
+        if any(level >= levels for level in self.attention_levels):
+            raise UserError(f"diffusion.attention_levels must be in [0, {levels}), got {self.attention_levels}")
+        if self.beta_start >= self.beta_end:
+            raise UserError(f"diffusion.beta_start must be below beta_end, got {self.beta_start} and {self.beta_end}")
+
+
+register_section("encode", EncodeConfig)
+register_section("diffusion", DiffusionConfig)
+
+
+def build_unet(cfg: DiffusionConfig, resolution: list[int]) -> UNet2DModel:
+    """The ADM-style U-Net of `cfg` (resblock up/down sampling, scale-shift norm, attention at the
+    deep levels): what `train-teacher` trains."""
+    attention = set(cfg.attention_levels)
+    levels = range(len(cfg.block_out_channels))
+    return UNet2DModel(
+        sample_size=tuple(resolution), in_channels=3, out_channels=3,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if lvl in attention else "ResnetDownsampleBlock2D" for lvl in levels),
+        up_block_types=tuple("AttnUpBlock2D" if lvl in attention else "ResnetUpsampleBlock2D" for lvl in reversed(levels)),
+        downsample_type="resnet", upsample_type="resnet", attention_head_dim=cfg.attention_head_dim,
+        resnet_time_scale_shift="scale_shift", norm_num_groups=32, attn_norm_num_groups=32,
+        flip_sin_to_cos=True, freq_shift=0, dropout=cfg.dropout,
+    )
 
 
 class _StopForward(Exception):
@@ -208,9 +285,7 @@ class DiffusionTeacher(nn.Module):
     def student_batch(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The teacher interface of pretraining: a batch -> (the images the student sees, the teacher's
         features at `feature_specs`). Here the batch's real images, encoded with each sample's seeded
-        noise (`engine.SeededSamples`) or fresh noise."""
-        from dreamteacher.train.engine import seeded_noise
-
+        noise (`data.sampling.SeededSamples`) or fresh noise."""
         images = batch["images"]
         eps = seeded_noise(batch["noise_seed"], images) if "noise_seed" in batch else None
         return images, self.encode(images, eps=eps)
@@ -237,52 +312,67 @@ def default_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                          beta_schedule="linear", prediction_type="epsilon", clip_sample=True)
 
 
-def _read_class_name(config_path: Path) -> str | None:
+def _read_json(path: Path) -> dict:
     try:
-        return json.loads(config_path.read_text()).get("_class_name")
-    except (OSError, json.JSONDecodeError):
-        return None
+        loaded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"teacher {path}: not a readable JSON file ({exc.__class__.__name__})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"teacher {path}: not a diffusers config (a JSON object)")
+    return loaded
 
 
-def load_unet_and_scheduler(path: str | Path, adm_head_channels: int = 64) -> tuple[UNet2DModel, DDPMScheduler]:
-    """A teacher from: a `train-teacher` run, a diffusers DDPM pipeline folder, a `UNet2DModel`
-    folder, or an official guided-diffusion ADM checkpoint (`*.pt`)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"teacher not found: {path}")
-    if path.is_dir() and (path / "teacher" / "model_index.json").is_file():
-        path = path / "teacher"  # a train-teacher run folder
-    if path.is_dir() and (path / "model_index.json").is_file():
-        if _read_class_name(path / "unet" / "config.json") != "UNet2DModel":
-            raise UserError(f"teacher {path}: the pipeline's unet is not a diffusers UNet2DModel")
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        return unet, scheduler
-    if path.is_dir() and (path / "config.json").is_file():
-        kind = _read_class_name(path / "config.json")
-        if kind != "UNet2DModel":
-            raise UserError(f"teacher {path}: expected a diffusers UNet2DModel folder, found '{kind}'")
-        unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False)
-        scheduler_dir = path.parent / "scheduler"
-        scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if (scheduler_dir / "scheduler_config.json").is_file()
-                     else default_scheduler())
-        return unet, scheduler
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        from dreamteacher.teachers.adm import load_adm_checkpoint
-
-        return load_adm_checkpoint(path, head_channels=adm_head_channels), default_scheduler()
-    raise UserError(f"teacher {path}: not a train-teacher run, a diffusers DDPM pipeline or UNet2DModel "
-                    "folder, nor a guided-diffusion .pt checkpoint")
+def _from_pretrained(path: Path, load, what: str):
+    """A diffusers `from_pretrained` whose failure (missing or truncated weights, a config that does
+    not fit them) is one line naming the folder, not a chain of tracebacks."""
+    try:
+        return load()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, OSError, ValueError, RuntimeError...
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(f"teacher {path}: cannot load its {what} ({exc.__class__.__name__}: {detail})") from None
 
 
-def load_diffusion_teacher(path: str | Path, blocks: list[int], t: int, mode: str = "stochastic",
-                           ddim_steps: int = 10, adm_head_channels: int = 64) -> DiffusionTeacher:
-    """Any teacher `load_unet_and_scheduler` reads, or a Stable Diffusion pipeline folder (latent)."""
-    from dreamteacher.teachers.latent import is_stable_diffusion_folder, load_stable_diffusion_teacher
+def load_unet_folder(path: Path) -> UNet2DModel:
+    """A diffusers `UNet2DModel` folder (config.json + weights)."""
+    kind = _read_json(path / "config.json").get("_class_name")
+    if kind != "UNet2DModel":
+        raise UserError(f"teacher {path}: expected a diffusers UNet2DModel, its config.json says '{kind}'")
+    return _from_pretrained(path, lambda: UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False), "U-Net")
 
-    if Path(path).is_dir() and is_stable_diffusion_folder(Path(path)):
-        if mode != "stochastic":
-            raise UserError(f"encode.mode={mode}: the Stable Diffusion teacher {path} encodes stochastically only")
-        return load_stable_diffusion_teacher(path, blocks=blocks, t=t)
-    unet, scheduler = load_unet_and_scheduler(path, adm_head_channels)
-    return DiffusionTeacher(unet, scheduler, blocks=blocks, t=t, mode=mode, ddim_steps=ddim_steps)
+
+def load_pipeline(path: Path) -> tuple[UNet2DModel, DDPMScheduler]:
+    """A diffusers DDPM pipeline folder: its `unet/` (a UNet2DModel) and `scheduler/`."""
+    unet = load_unet_folder(path / "unet")
+    scheduler = _from_pretrained(path, lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler"), "scheduler")
+    return unet, scheduler
+
+
+def diffusion_teacher(unet: UNet2DModel, scheduler: DDPMScheduler, config: Any) -> DiffusionTeacher:
+    e = config.encode
+    return DiffusionTeacher(unet, scheduler, blocks=e.blocks, t=e.t, mode=e.mode, ddim_steps=e.ddim_steps)
+
+
+def _is_pipeline(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir()
+
+
+def _load_unet_folder_teacher(path: Path, config: Any) -> DiffusionTeacher:
+    scheduler_dir = path.parent / "scheduler"
+    scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if (scheduler_dir / "scheduler_config.json").is_file()
+                 else default_scheduler())
+    return diffusion_teacher(load_unet_folder(path), scheduler, config)
+
+
+register_teacher_kind(TeacherKind(
+    "ddpm-run", "diffusion", "a `train-teacher` run folder",
+    lambda p: _is_pipeline(p / "teacher"), lambda p, config: diffusion_teacher(*load_pipeline(p / "teacher"), config)))
+register_teacher_kind(TeacherKind(
+    "diffusers-pipeline", "diffusion", "a diffusers DDPMPipeline folder",
+    lambda p: _is_pipeline(p) and not (p / "text_encoder").exists(),
+    lambda p, config: diffusion_teacher(*load_pipeline(p), config)))
+register_teacher_kind(TeacherKind(
+    "diffusers-unet", "diffusion", "a diffusers UNet2DModel folder",
+    lambda p: p.is_dir() and (p / "config.json").is_file() and not (p / "model_index.json").exists(),
+    _load_unet_folder_teacher))

@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from dreamteacher.errors import UserError
-from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
+from dreamteacher.core.errors import UserError
+from dreamteacher.data.features import FeatureSpec
+from dreamteacher.teachers.base import TeacherKind, register_teacher_kind
+from dreamteacher.teachers.diffusion import DiffusionTeacher, _from_pretrained
 
 
 def is_stable_diffusion_folder(path: Path) -> bool:
     """A diffusers pipeline folder with a VAE, a text encoder and a conditional U-Net."""
-    index = path / "model_index.json"
+    index = Path(path) / "model_index.json"
     if not index.is_file():
         return False
     try:
@@ -93,8 +95,24 @@ def empty_prompt_embedding(path: Path) -> torch.Tensor:
 
 def load_stable_diffusion_teacher(path: str | Path, blocks: list[int], t: int) -> LatentDiffusionTeacher:
     path = Path(path)
-    embedding = empty_prompt_embedding(path)  # the text encoder is not kept: one embedding is all it gives
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", low_cpu_mem_usage=False)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # its betas; any scheduler class
+    embedding = _from_pretrained(path, lambda: empty_prompt_embedding(path), "text encoder")  # kept: one embedding
+    vae = _from_pretrained(path, lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", low_cpu_mem_usage=False),
+                           "VAE")
+    unet = _from_pretrained(path, lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet",
+                                                                               low_cpu_mem_usage=False), "U-Net")
+    # its betas; any scheduler class
+    scheduler = _from_pretrained(path, lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler"), "scheduler")
     return LatentDiffusionTeacher(vae, unet, scheduler, embedding, blocks=blocks, t=t)
+
+
+def _load(path: Path, config) -> LatentDiffusionTeacher:
+    if config.encode.mode != "stochastic":
+        raise UserError(f"encode.mode={config.encode.mode}: the Stable Diffusion teacher {path} encodes "
+                        "stochastically only")
+    return load_stable_diffusion_teacher(path, blocks=config.encode.blocks, t=config.encode.t)
+
+
+# before the plain diffusers pipeline: an SD folder is a pipeline too
+register_teacher_kind(TeacherKind("stable-diffusion", "diffusion",
+                                  "a Stable Diffusion folder (diffusers layout: vae, unet, text_encoder, tokenizer)",
+                                  is_stable_diffusion_folder, _load))

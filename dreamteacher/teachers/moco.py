@@ -17,7 +17,8 @@ import timm
 import torch
 from torch import nn
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
+from dreamteacher.teachers.base import TeacherKind, register_teacher_kind
 
 MOCO_FILE = "moco_v3.pth"  # what `pretrain --method mocov3` writes beside its backbone export
 TEACHER_BRANCH = "module.momentum_encoder."  # PCD distills the momentum branch (section 3.2)
@@ -110,6 +111,9 @@ class MocoTeacher(nn.Module):
     def train(self, mode: bool = True) -> "MocoTeacher":
         return super().train(False)  # frozen, BatchNorm statistics included
 
+    def check_resolution(self, height: int, width: int) -> None:
+        """Any resolution: its map is resized to the student's (PCD Eq. 3)."""
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.adaptor(self.trunk.forward_features(((images + 1) / 2 - self.mean) / self.std))
@@ -176,3 +180,8 @@ def save_moco_v3(path: Path, arch: str, base: dict[str, torch.Tensor], momentum:
     torch.save({"arch": arch, "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()}}, partial)
     os.replace(partial, path)
     return path
+
+
+register_teacher_kind(TeacherKind(
+    "moco-v3", "moco", "a MoCo v3 checkpoint (official layout) or `pretrain --method mocov3` run",
+    lambda p: p.is_file() or (p / MOCO_FILE).is_file(), lambda p, config: load_moco_teacher(p)))

@@ -14,21 +14,39 @@ student sees and records each synthesis level's output: a synthesized dataset, n
 
 from __future__ import annotations
 
-import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dreamteacher.config import Config, GanConfig
-from dreamteacher.errors import UserError
-from dreamteacher.teachers.diffusion import FeatureSpec
-from dreamteacher.train.engine import fused_adam
+from dreamteacher.core.config import Section, bounded, register_section
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import atomic_write, write_json_atomic
+from dreamteacher.data.features import FeatureSpec
+from dreamteacher.teachers.base import TeacherKind, register_teacher_kind
+
+
+@dataclass
+class GanConfig(Section):
+    """The StyleGAN2 teacher (`train-teacher --kind stylegan2`). Levels run from the coarsest (the
+    learned constant) to the full resolution, one per doubling."""
+
+    z_dim: int = bounded(256, low=1)
+    w_dim: int = bounded(256, low=1)
+    mapping_layers: int = bounded(4, low=1)
+    channels: list[int] = bounded(low=1, factory=lambda: [256, 256, 256, 128, 64, 32])  # per level, coarse first
+    lr: float = bounded(0.002, low=0, low_open=True)
+    r1_gamma: float = bounded(1.0, low=0)  # R1 weight on reals
+    r1_every: int = bounded(16, low=1)  # lazy regularization interval (iterations)
+
+
+register_section("gan", GanConfig)
 
 GAN_CONFIG_FILE = "stylegan2.json"
 GAN_WEIGHTS_FILE = "generator.safetensors"
@@ -159,99 +177,6 @@ class Generator(nn.Module):
         return rgb, features
 
 
-class DiscriminatorBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.conv1 = EqualConv2d(in_ch, in_ch, 3, activate=True)
-        self.conv2 = EqualConv2d(in_ch, out_ch, 3, activate=True)
-        self.skip = EqualConv2d(in_ch, out_ch, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.avg_pool2d(self.conv2(self.conv1(x)), 2)
-        return (out + self.skip(F.avg_pool2d(x, 2))) / SQRT2
-
-
-class Discriminator(nn.Module):
-    def __init__(self, cfg: GanConfig, resolution: list[int]):
-        super().__init__()
-        ch = list(reversed(cfg.channels))
-        sizes = level_sizes(resolution, len(ch))
-        self.from_rgb = EqualConv2d(3, ch[0], 1, activate=True)
-        self.blocks = nn.Sequential(*[DiscriminatorBlock(ch[i], ch[i + 1]) for i in range(len(ch) - 1)])
-        self.final_conv = EqualConv2d(ch[-1] + 1, ch[-1], 3, activate=True)
-        h, w = sizes[0]
-        self.final = nn.Sequential(EqualLinear(ch[-1] * h * w, ch[-1], activate=True), EqualLinear(ch[-1], 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.from_rgb(images))
-        group = min(4, x.shape[0])
-        while x.shape[0] % group:
-            group -= 1
-        stats = x.view(group, -1, *x.shape[1:]).std(dim=0, unbiased=False).mean(dim=(1, 2, 3))  # minibatch std
-        x = torch.cat([x, stats.repeat(group)[:, None, None, None].expand(-1, 1, *x.shape[2:])], dim=1)
-        return self.final(self.final_conv(x).flatten(1)).squeeze(1)
-
-
-class GanTraining(L.LightningModule):
-    """images in [-1, 1] -> a D step (logistic loss, lazy R1) then a G step (non-saturating), EMA of G.
-
-    Manual optimization: Lightning counts each optimizer's step, so a training iteration advances
-    `global_step` by 2 (the trainer is built with twice `teacher_train.max_steps`)."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.automatic_optimization = False
-        self.save_hyperparameters({"method": "train-teacher-stylegan2", "config": config.to_dict()})
-        self.generator = Generator(config.gan, config.data.resolution)
-        self.discriminator = Discriminator(config.gan, config.data.resolution)
-        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
-
-    def latents(self, batch: int) -> torch.Tensor:
-        return torch.randn(batch, self.config.gan.z_dim, device=self.device)
-
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        g = self.config.gan
-        opt_g, opt_d = self.optimizers()
-        iteration = self.global_step // 2
-        fake = self.generator(self.latents(len(images)))[0].detach()
-        d_loss = F.softplus(self.discriminator(fake)).mean() + F.softplus(-self.discriminator(images)).mean()
-        if g.r1_gamma > 0 and iteration % g.r1_every == 0:
-            real = images.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(self.discriminator(real).sum(), real, create_graph=True)
-            d_loss = d_loss + g.r1_gamma / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean() * g.r1_every
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_loss)
-        opt_d.step()
-        g_loss = F.softplus(-self.discriminator(self.generator(self.latents(len(images)))[0])).mean()
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
-        opt_g.step()
-        with torch.no_grad():
-            decay = self.config.teacher_train.ema_decay
-            for p_ema, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
-                p_ema.lerp_(p.detach(), 1 - decay)
-            for b_ema, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
-                b_ema.copy_(b)
-        self.log("train/loss", g_loss.detach(), on_step=True, on_epoch=False)
-        self.log("train/d_loss", d_loss.detach(), on_step=True, on_epoch=False)
-        return g_loss.detach()
-
-    def configure_optimizers(self):
-        g = self.config.gan
-        make = lambda net: torch.optim.Adam(net.parameters(), lr=g.lr, betas=(0.0, 0.99), **fused_adam(net))  # noqa: E731
-        return [make(self.generator), make(self.discriminator)]
-
-    def save_generator(self, folder: Path) -> Path:
-        """The EMA generator: `generator.safetensors` + `stylegan2.json` (its architecture)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.generator_ema.state_dict().items()},
-                  str(folder / GAN_WEIGHTS_FILE))
-        (folder / GAN_CONFIG_FILE).write_text(json.dumps(
-            {"gan": vars(self.config.gan), "resolution": self.config.data.resolution}, indent=2))
-        return folder
-
-
 def gan_folder(path: str | Path) -> Path | None:
     """The folder holding a saved generator: `path` itself or a train-teacher run's `teacher/`."""
     path = Path(path)
@@ -261,14 +186,27 @@ def gan_folder(path: str | Path) -> Path | None:
     return None
 
 
+def save_generator(generator: Generator, gan: GanConfig, resolution: list[int], folder: Path) -> Path:
+    """`generator.safetensors` + `stylegan2.json` (its architecture), each written atomically."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    atomic_write(folder / GAN_WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
+    write_json_atomic(folder / GAN_CONFIG_FILE, {"gan": vars(gan), "resolution": list(resolution)})
+    return folder
+
+
 def load_generator(folder: Path) -> Generator:
-    spec = json.loads((folder / GAN_CONFIG_FILE).read_text())
-    generator = Generator(GanConfig(**spec["gan"]), spec["resolution"])
+    try:
+        spec = json.loads((folder / GAN_CONFIG_FILE).read_text())
+        generator = Generator(GanConfig(**spec["gan"]), spec["resolution"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"GAN teacher {folder}: {GAN_CONFIG_FILE} is not a readable generator description "
+                        f"({exc.__class__.__name__})") from None
     try:
         generator.load_state_dict(load_file(str(folder / GAN_WEIGHTS_FILE)), strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise UserError(f"GAN teacher {folder}: {GAN_WEIGHTS_FILE} does not fit {GAN_CONFIG_FILE} "
-                        f"({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: safetensors, OS and shape errors
+        raise UserError(f"GAN teacher {folder}: {GAN_WEIGHTS_FILE} is unreadable or does not fit {GAN_CONFIG_FILE} "
+                        f"({exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})"
+                        ) from None
     return generator.eval().requires_grad_(False)
 
 
@@ -316,3 +254,11 @@ class GanTeacher(nn.Module):
 
     def student_batch(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.render(batch["noise_seed"])
+
+
+def _load(path: Path, config: Any) -> GanTeacher:
+    return GanTeacher(load_generator(gan_folder(path)), config.encode.blocks)
+
+
+register_teacher_kind(TeacherKind("stylegan2", "gan", "a StyleGAN2 generator folder or `train-teacher --kind "
+                                  "stylegan2` run", lambda p: p.is_dir() and gan_folder(p) is not None, _load))

@@ -14,11 +14,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamteacher.config import build_config, load_config_file
+from dreamteacher.analysis.pictures import (
+    activation_heatmap,
+    grid,
+    kmeans_maps,
+    pca_basis,
+    pca_colors,
+    pca_scale,
+    to_uint8,
+)
+from dreamteacher.core.config import build_config, load_config_file
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import CONFIG, RunFolder
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
-from dreamteacher.errors import UserError
-from dreamteacher.viz.images import (activation_heatmap, grid, kmeans_maps, pca_basis, pca_colors, pca_scale,
-                                     to_uint8)
+from dreamteacher.export.checkpoints import read_checkpoint
+from dreamteacher.losses import whiten
+from dreamteacher.methods.dt_feat import DTFeat, resize_to
+from dreamteacher.teachers.base import load_teacher
+from dreamteacher.teachers.stylegan2 import GanTeacher, gan_folder, load_generator
 
 REPORT_TIMESTEPS = (25, 50, 150, 400)
 KMEANS_CLUSTERS = 10
@@ -66,13 +79,10 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
     A diffusion teacher is shown on `data`'s images, encoded at several t; a GAN teacher on images it
     renders itself (its synthesized dataset: no t, and `data` is not needed), every synthesis level
     unless a `student_run` names the levels it distilled."""
-    from dreamteacher.api import load_teacher
-    from dreamteacher.teachers.stylegan2 import GanTeacher, gan_folder, load_generator
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = Figures(out.parent if png_folder else None)
-    config = (build_config(None, None, base=load_config_file(Path(student_run) / "config.yaml"))
+    config = (build_config(None, None, base=load_config_file(Path(student_run) / CONFIG))
               if student_run else build_config(None, None, base=_teacher_run_config(teacher_path)))
     gan = gan_folder(teacher_path) if Path(teacher_path).is_dir() else None
     if gan is not None and not student_run:
@@ -148,19 +158,13 @@ def _kmeans_section(teacher, images: torch.Tensor, feats: list[torch.Tensor], si
 
 
 def _teacher_run_config(teacher_path: str | Path) -> dict | None:
-    path = Path(teacher_path) / "config.yaml"
+    path = Path(teacher_path) / CONFIG
     return load_config_file(path) if path.is_file() else None
 
 
 def _student_section(run: Path, config, teacher, images: torch.Tensor, teacher_feats: list[torch.Tensor],
                      size: tuple[int, int], figure: Figures) -> str:
-    from dreamteacher.checkpoints import read_checkpoint
-    from dreamteacher.losses import whiten
-    from dreamteacher.methods.dt_feat import DTFeat, resize_to
-    from dreamteacher.teachers.stylegan2 import GanTeacher
-    from dreamteacher.train.engine import checkpoint_path
-
-    ckpt = read_checkpoint(checkpoint_path(run))
+    ckpt = read_checkpoint(RunFolder(run).checkpoint)
     method = DTFeat(config, teacher.feature_specs, teacher)
     method.load_state_dict(ckpt["state_dict"])
     method.eval()

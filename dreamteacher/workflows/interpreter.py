@@ -9,7 +9,6 @@ soft labels into a student.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -22,36 +21,49 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from dreamteacher.checkpoints import save_safetensors_atomic
-from dreamteacher.config import EncodeConfig, Sections, TrainerConfig, load_config_file, merge_overrides, \
-    resolve_sections, save_config
-from dreamteacher.downstream.data import SegmentationData
-from dreamteacher.downstream.finetune import Repeated, SegDataConfig, preset_layers
-from dreamteacher.errors import UserError
+from dreamteacher.core.config import (
+    Section,
+    Sections,
+    TrainerConfig,
+    bounded,
+    merge_overrides,
+    preset_layers,
+    resolve_sections,
+)
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import INTERPRETER, SEGMENTER_INFO, RunFolder, save_safetensors_atomic, write_json_atomic
+from dreamteacher.data.labeled import Repeated, SegmentationData
+from dreamteacher.engine import trainer as engine
+from dreamteacher.engine.trainer import RunResult
 from dreamteacher.losses import interpreter_loss
-from dreamteacher.teachers.interpreter import FeatureInterpreter
-from dreamteacher.train import engine
+from dreamteacher.methods.dt_mix import INTERPRETER_HEAD
+from dreamteacher.nn.interpreter import FeatureInterpreter
+from dreamteacher.nn.optim import fused_adam, warmup_cosine
+from dreamteacher.teachers.base import load_teacher
+from dreamteacher.teachers.diffusion import EncodeConfig
+from dreamteacher.workflows.finetune import SegDataConfig
+from dreamteacher.workflows.teacher import summary
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "interpreter"
-HEAD = "teacher-interpreter"
-WEIGHTS_FILE = "interpreter.safetensors"
+HEAD = INTERPRETER_HEAD
+WEIGHTS_FILE = INTERPRETER
 
 
 @dataclass
-class InterpreterHeadConfig:
-    width: int = 256  # D.2
-    dropout: float = 0.1
-    dice_weight: float = 3.0  # lambda_d of Eq. 4
+class InterpreterHeadConfig(Section):
+    width: int = bounded(256, low=1)  # D.2
+    dropout: float = bounded(0.1, low=0, high=1, high_open=True)
+    dice_weight: float = bounded(3.0, low=0)  # lambda_d of Eq. 4
 
 
 @dataclass
-class InterpreterOptimConfig:
-    lr: float = 4e-3
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    epochs: int = 100  # passes over the labeled images
-    warmup_epochs: int = 20
-    batch_size: int = 8
+class InterpreterOptimConfig(Section):
+    lr: float = bounded(4e-3, low=0, low_open=True)
+    weight_decay: float = bounded(0.05, low=0)
+    betas: list[float] = bounded(low=0, high=1, high_open=True, factory=lambda: [0.9, 0.95])
+    epochs: int = bounded(100, low=1)  # passes over the labeled images
+    warmup_epochs: int = bounded(20, low=0)
+    batch_size: int = bounded(8, low=1)
 
 
 def _flip_only_data() -> SegDataConfig:
@@ -78,10 +90,7 @@ def available_interpreter_presets() -> list[str]:
 def build_interpreter_config(preset: str | None = None, overrides: list[str] | dict | None = None,
                              base: dict | None = None) -> InterpreterConfig:
     config = resolve_sections(InterpreterConfig, preset_layers("interpreter", PRESET_DIR, preset, overrides, base))
-    if config.data.num_classes < 1:
-        raise UserError("data.num_classes must be set (--num-classes N)")
-    if config.interpreter.width < 1 or config.optim.epochs < 1 or config.optim.batch_size < 1:
-        raise UserError("interpreter.width, optim.epochs and optim.batch_size must be positive")
+    config.validate()
     return config
 
 
@@ -133,19 +142,18 @@ class InterpreterTraining(L.LightningModule):
     def configure_optimizers(self):
         o = self.config.optim
         optimizer = torch.optim.AdamW(self.interpreter.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                      betas=tuple(o.betas), **engine.fused_adam(self.interpreter))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(self.total_steps, self.warmup_steps))
+                                      betas=tuple(o.betas), **fused_adam(self.interpreter))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 @dataclass
-class InterpreterResult:
-    run_dir: Path
-    weights: Path
-    steps: int
-    seconds: float
-    final_loss: float | None
-    absent_classes: list[int]
+class InterpreterResult(RunResult):
+    absent_classes: list[int] = field(default_factory=list)
+
+    @property
+    def weights(self) -> Path:
+        return self.files["interpreter"]
 
 
 def absent_classes(dataset: SegmentationData, num_classes: int) -> list[int]:
@@ -163,12 +171,9 @@ def train_interpreter(teacher: str | Path, images: str | Path, masks: str | Path
     """Train a feature interpreter on `teacher` with the labels of `split`; writes
     `out/interpreter.safetensors`, `out/segmenter.json` (so that `evaluate` reads it), the resolved
     config, checkpoints, logs and `run.json`."""
-    from dreamteacher.api import load_teacher
-
     overrides = merge_overrides(overrides, sections)
-    run_dir = engine.check_run_dir(out)
-    saved = run_dir / "config.yaml"
-    base = load_config_file(saved) if resume and saved.is_file() else None
+    run = RunFolder(out)
+    base = run.saved_config() if resume else None
     config = build_interpreter_config(None if base else preset, overrides, base)
     d = config.data
     train_set = SegmentationData(images, masks, split, d.resolution, d.num_classes, d.ignore_index, augment=True,
@@ -177,45 +182,44 @@ def train_interpreter(teacher: str | Path, images: str | Path, masks: str | Path
     if absent:  # a user with few labels may well lack a class: train anyway, but say so
         warnings.warn(f"the labels of {split or masks} hold no pixel of class(es) {absent}: the interpreter "
                       "cannot learn them and will not predict them", stacklevel=2)
-    teacher_model = load_teacher(teacher, config)
+    teacher_model = load_teacher(teacher, config, families=("diffusion",))
     teacher_model.check_resolution(*d.resolution)
-    ckpt = engine.prepare_run_dir(run_dir, resume)
-    save_config(config, saved)
+    ckpt = run.start(resume)
+    run.save_config(config)
     engine.seed_everything(config.trainer.seed)
     o = config.optim
     iterations = max(1, math.ceil(o.epochs * len(train_set) / o.batch_size))
-    trainer = engine.build_trainer(config.trainer, run_dir, iterations, o.batch_size, progress)
+    trainer = engine.build_trainer(config.trainer, run.path, iterations, o.batch_size, progress)
     loader = engine.make_loader(Repeated(train_set, iterations * o.batch_size), o.batch_size, trainer,
                                 d.num_workers, "optim.batch_size")
     module = InterpreterTraining(config, teacher_model, str(Path(teacher).resolve()))
     module.total_steps = iterations
     module.warmup_steps = round(iterations * o.warmup_epochs / o.epochs)
-    trainer.fit(module, loader, ckpt_path=ckpt)
-    trainer.save_checkpoint(engine.checkpoint_path(run_dir), weights_only=False)
-    loss = trainer.callback_metrics.get("train/loss")
-    result = InterpreterResult(run_dir, run_dir / WEIGHTS_FILE, trainer.global_step, engine.training_seconds(trainer),
-                               float(loss) if loss is not None else None, absent)
+    fitted = engine.fit(run, trainer, module, loader, ckpt)
+    result = InterpreterResult(**vars(fitted), absent_classes=absent)
+    result.files["interpreter"] = run / WEIGHTS_FILE
     if trainer.is_global_zero:
         save_safetensors_atomic(module.interpreter.state_dict(), result.weights)
-        info = {"head": HEAD, "teacher": str(Path(teacher).resolve()), "encode": config.encode.__dict__,
+        info = {"head": HEAD, "teacher": str(Path(teacher).resolve()), "encode": vars(config.encode),
                 "teacher_features": [vars(s) for s in teacher_model.feature_specs],
                 "num_classes": d.num_classes, "ignore_index": d.ignore_index, "resolution": d.resolution,
                 "width": config.interpreter.width, "labeled_images": len(train_set), "absent_classes": absent,
-                "split": str(split) if split else None, "iterations": trainer.global_step,
+                "split": str(split) if split else None, "iterations": result.steps,
                 "seconds": round(result.seconds, 1)}
-        (run_dir / "segmenter.json").write_text(json.dumps(info, indent=2))
-        (run_dir / "run.json").write_text(json.dumps({"method": "interpreter", **info}, indent=2))
+        write_json_atomic(run / SEGMENTER_INFO, info)
+        run.write_summary(summary(result, "interpreter", epochs=o.epochs, **info))
     return result
 
 
 def load_teacher_interpreter(folder: str | Path, info: dict[str, Any]) -> TeacherInterpreter:
     """A trained interpreter run -> the teacher + interpreter segmenter, in eval mode."""
-    from dreamteacher.teachers.diffusion import load_diffusion_teacher
-
     folder = Path(folder)
-    e = info["encode"]
-    teacher = load_diffusion_teacher(info["teacher"], blocks=e["blocks"], t=e["t"], mode=e["mode"],
-                                     ddim_steps=e["ddim_steps"], adm_head_channels=e["adm_head_channels"])
+    teacher = load_teacher(info["teacher"], InterpreterConfig(encode=EncodeConfig(**info["encode"])),
+                           families=("diffusion",))
     interpreter = FeatureInterpreter(teacher.feature_specs, info["num_classes"], info["width"])
-    interpreter.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    path = folder / WEIGHTS_FILE
+    try:
+        interpreter.load_state_dict(load_file(str(path)), strict=True)
+    except Exception as exc:  # noqa: BLE001 - a missing, truncated or foreign file
+        raise UserError(f"{path}: not the weights of this interpreter ({exc.__class__.__name__})") from None
     return TeacherInterpreter(teacher, interpreter).eval()

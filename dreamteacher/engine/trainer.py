@@ -1,4 +1,5 @@
-"""Engine glue: Lightning trainer, loggers, checkpoints, throughput, optimizers and schedules.
+"""The training engine: Lightning trainer, loggers, atomic checkpoints in the run folder, progress and
+throughput, mid-epoch resume, and the one lifecycle every training command shares (`fit`).
 
 Methods are LightningModules whose `training_step` returns `{"loss": total, **parts}`; everything
 about stepping, logging, distributed data and checkpointing lives here.
@@ -9,31 +10,33 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import math
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dreamteacher.config import TrainerConfig
-from dreamteacher.errors import UserError
+from dreamteacher.core.config import TrainerConfig
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, RunFolder, atomic_write
+from dreamteacher.data.sampling import EpochKeySampler, SeededSamples
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-
-# Lightning's advice about worker counts and logging intervals is noise on small CPU runs.
+# Lightning's advice about worker counts and logging intervals is noise on small CPU runs; its CSV
+# logger's "previous log files will be deleted" is wrong here (keep_previous_logs keeps them).
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
 
 
 class StepProgress(Callback):
@@ -89,40 +92,9 @@ class StepProgress(Callback):
             self._bar.close()
 
 
-def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
-
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    """`--out` must be a folder; an export passed there (resume vs initialize mix-up) is named as such."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        if run_dir.suffix in (".safetensors", ".pth", ".pkl"):
-            raise UserError(f"{run_dir} is an exported backbone: it initializes a fine-tuning "
-                            f"(`dreamteacher finetune --backbone {run_dir}`) but cannot resume a run; "
-                            "--out takes the run folder")
-        raise UserError(f"--out must be a run folder, not the file {run_dir}")
-    return run_dir
-
-
-def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None; never silently overwrites a trained run."""
-    run_dir = check_run_dir(run_dir)
-    ckpt = checkpoint_path(run_dir)
-    if resume:
-        if not ckpt.is_file():
-            raise UserError(f"--resume: no checkpoint at {ckpt}")
-        return ckpt
-    if ckpt.is_file():
-        raise UserError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it, "
-                        "or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
-
-
 @rank_zero_only  # one process renames; the others would race it
 def keep_previous_logs(run_dir: Path) -> None:
-    """Lightning's CSV logger would delete metrics.csv on resume: keep it as metrics.partN.csv."""
+    """Lightning's CSV logger would overwrite metrics.csv on resume: keep it as metrics.partN.csv."""
     metrics = Path(run_dir) / "logs" / "metrics.csv"
     if metrics.is_file():
         part = len(list(metrics.parent.glob("metrics.part*.csv")))
@@ -132,14 +104,6 @@ def keep_previous_logs(run_dir: Path) -> None:
 def training_seconds(trainer: L.Trainer) -> float:
     """Wall-clock of the run's training over all its parts (resumes included)."""
     return next(cb.seconds for cb in trainer.callbacks if isinstance(cb, StepProgress))
-
-
-def fused_adam(module: torch.nn.Module) -> dict:
-    """Keyword arguments for torch's Adam/AdamW: `fused=True` where torch has a fused kernel for the
-    parameters' devices (CPU, CUDA): one kernel per step instead of several per tensor (a ResNet-18's
-    AdamW step: 33 ms -> 5 ms on 2 CPU cores). Called once the module sits on its device."""
-    devices = {p.device.type for p in module.parameters() if p.requires_grad}
-    return {"fused": True} if devices and devices <= {"cpu", "cuda"} else {}
 
 
 # glibc mallopt parameters (malloc.h)
@@ -162,91 +126,35 @@ def reuse_host_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written through a temporary file in the checkpoint's own folder, fsynced and renamed
+    over it (`core.runs.atomic_write`): never a half-written `last.ckpt`, and a temporary file killed
+    mid-write stays in the run folder, where the next start of the run removes it (Lightning's own
+    writer goes through the system temporary folder, which on another file system is a copy)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
 def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch: int,
                   progress: bool = True, callbacks: list[Callback] = ()) -> L.Trainer:
     if t.reuse_host_memory:
         reuse_host_memory()
     keep_previous_logs(run_dir)
     ckpt_cb = ModelCheckpoint(dirpath=Path(run_dir) / CHECKPOINT_DIR, save_last=True, save_top_k=0,
-                              every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_on_train_epoch_end=False)
-    ckpt_cb.CHECKPOINT_NAME_LAST = "last"
+                              every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=False)
+    ckpt_cb.CHECKPOINT_NAME_LAST = Path(LAST_CHECKPOINT).stem
     loggers = [CSVLogger(run_dir, name="", version="logs"),
                TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False)]
     callbacks = [ckpt_cb, StepProgress(global_batch, show=progress), ResumeMidEpoch(), *callbacks]
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, sync_batchnorm=t.sync_batchnorm,
-        logger=loggers,
-        callbacks=callbacks, default_root_dir=run_dir, log_every_n_steps=max(1, t.log_every_n_steps),
+        logger=loggers, plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks, default_root_dir=run_dir, log_every_n_steps=t.log_every_n_steps,
         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=True, benchmark=t.cudnn_benchmark,
     )
-
-
-class SeededSamples(Dataset):
-    """Per-sample randomness drawn from (seed, epoch, index) alone: a sample's flip, its cached
-    encoding and its diffusion noise are then the same whatever the number of processes, machines or
-    loader workers, so runs at different world sizes (and resumes across them) see the same data.
-
-    Indexed by `(index, epoch)` keys from `EpochKeySampler`; returns a dict batch element:
-    `images`, and `features` (from the feature cache) or `noise_seed` (when `noise` is on: the seed
-    of the sample's N(0, I) noise, see `seeded_noise`).
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, noise: bool):
-        self.dataset, self.seed, self.noise = dataset, seed, noise
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator alone, the one fork_rng restores: torch.manual_seed would also reseed
-            # CUDA (left changed) and, where CUDA is not initialized, queue the call with a formatted
-            # stack trace, about 1 ms a sample (6% of a cached cpu-small step)
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
-            sample = self.dataset[index]
-            if isinstance(sample, dict):  # several named tensors (e.g. two augmented views)
-                item = dict(sample)
-            else:
-                item = {"images": sample[0], "features": sample[1]} if isinstance(sample, tuple) else {"images": sample}
-            if self.noise:  # a seed, not the tensor: the noise is drawn where it is used (`seeded_noise`)
-                item["noise_seed"] = torch.randint(2**62, ())
-        return item
-
-
-def seeded_noise(seeds: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """N(0, I) shaped like `like`, sample i drawn from its own `seeds[i]` on `like`'s device: on a GPU
-    the noise never crosses the host-device link (64 images at 256x256 are 50 MB a step). `seeds`
-    stays on the host (`PretrainMethod.transfer_batch_to_device`), so this launches without a sync."""
-    noise = torch.empty(like.shape, device=like.device, dtype=torch.float32)
-    generator = torch.Generator(device=like.device)
-    for row, seed in zip(noise, seeds.tolist()):
-        row.normal_(generator=generator.manual_seed(seed))
-    return noise.to(like.dtype)
-
-
-class EpochKeySampler(DistributedSampler):
-    """DistributedSampler yielding `(index, epoch)`; one permutation per epoch for all world sizes, so
-    with drop_last the processes' batches together are exactly the one-process batch.
-
-    `resume_at = (epoch, samples)` starts that epoch `samples` further in: a run resumed mid-epoch goes
-    on with the batches it had not trained yet, at any world size (see `ResumeMidEpoch`).
-    """
-
-    resume_at: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if self.resume_at is not None and self.resume_at[0] != epoch:
-            self.resume_at = None  # the resumed epoch is over
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        if self.resume_at is not None and self.resume_at[0] == self.epoch:
-            indices = indices[self.resume_at[1]:]
-        return ((index, self.epoch) for index in indices)
 
 
 class ResumeMidEpoch(Callback):
@@ -283,21 +191,34 @@ def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_wor
     return DataLoader(dataset, shuffle=True, **options)
 
 
-def steps_per_epoch(num_images: int, global_batch: int) -> int:
-    return max(1, num_images // global_batch)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LR multiplier: linear warmup to 1, then cosine decay to 0 (per optimizer step)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def seed_everything(seed: int) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
+
+
+@dataclass
+class RunResult:
+    """What a finished training run gives back (every training command's result)."""
+
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    seconds: float
+    final_loss: float | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: DataLoader,
+        resume_from: Path | None) -> RunResult:
+    """The lifecycle every training command shares once its run is set up: fit (from `resume_from`
+    when given), write the final checkpoint, and return steps, wall-clock over all parts and the last
+    logged loss. Exports and the summary are the caller's (they differ by command)."""
+    with warnings.catch_warnings():
+        # ResumeMidEpoch continues an interrupted epoch where it stopped; a GAN's checkpoints hold the
+        # state after both of its optimizers' steps, as intended
+        warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+        warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization.*")
+        trainer.fit(module, loader, ckpt_path=resume_from)
+    trainer.save_checkpoint(run.checkpoint, weights_only=False)
+    loss = trainer.callback_metrics.get("train/loss")
+    return RunResult(run.path, run.checkpoint, trainer.global_step, training_seconds(trainer),
+                     float(loss) if loss is not None else None)

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from dreamteacher.errors import UserError
+from dreamteacher.core.errors import UserError
 
 LEVEL_STRIDES = (4, 8, 16, 32)  # the paper's levels l = 2..5 (stride 2**l)
 

@@ -16,7 +16,6 @@ applied inside, as in pretraining.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import timm
@@ -25,20 +24,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from dreamteacher.checkpoints import save_safetensors_atomic
-from dreamteacher.errors import UserError
-from dreamteacher.students.backbone import Backbone, check_backbone_name
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import SEGMENTER, SEGMENTER_INFO, save_safetensors_atomic, write_json_atomic
+from dreamteacher.nn.backbone import Backbone, check_backbone_name
+from dreamteacher.nn.weights import load_timm_weights
 
 HEADS = ("upernet", "unet", "readout")
-
-
-def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load, except the classifier-head keys an export carries and a feature model has pruned."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "classifier."))]
-    if missing or unexpected:
-        raise UserError(f"{source}: backbone weights do not fit the model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def unet_widths(unet_width: int) -> list[int]:
@@ -142,25 +133,19 @@ class LinearReadout(nn.Module):
 
 def save_segmenter(model: Segmenter, folder: Path, info: dict) -> Path:
     """`folder/segmenter.safetensors` (all weights) + `segmenter.json` (how to rebuild it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "segmenter.safetensors"
-    save_safetensors_atomic(model.state_dict(), path)
-    (folder / "segmenter.json").write_text(json.dumps(info, indent=2))
+    path = save_safetensors_atomic(model.state_dict(), Path(folder) / SEGMENTER)
+    write_json_atomic(Path(folder) / SEGMENTER_INFO, info)
     return path
 
 
-def load_segmenter(folder: str | Path) -> tuple[nn.Module, dict]:
-    """A finished fine-tuning run (or feature-interpreter run) -> (model: [0, 1] images -> logits, info)."""
-    folder = Path(folder)
-    info_path = folder / "segmenter.json"
-    if not info_path.is_file():
-        raise UserError(f"{folder}: no finished fine-tuning run here (segmenter.json missing)")
-    info = json.loads(info_path.read_text())
-    if info["head"] == "teacher-interpreter":
-        from dreamteacher.downstream.interpreter import load_teacher_interpreter
-
-        return load_teacher_interpreter(folder, info), info
+def load_segmenter_model(folder: Path, info: dict) -> Segmenter:
+    """A fine-tuned segmenter from its run folder and `segmenter.json`, in eval mode."""
     model = Segmenter(info["head"], info["backbone"], info["num_classes"], info.get("decoder_channels", 512),
                       info.get("unet_width", 64))
-    model.load_state_dict(load_file(str(folder / "segmenter.safetensors")), strict=True)
-    return model.eval(), info
+    path = Path(folder) / SEGMENTER
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - missing or truncated file
+        raise UserError(f"{path}: not a readable segmenter ({exc.__class__.__name__})") from None
+    model.load_state_dict(weights, strict=True)
+    return model.eval()

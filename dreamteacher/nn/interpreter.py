@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamteacher.teachers.diffusion import FeatureSpec
+from dreamteacher.data.features import FeatureSpec
 
 
 class FeatureFuse(nn.Module):

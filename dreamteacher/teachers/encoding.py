@@ -1,12 +1,6 @@
-"""The offline feature dataset of section 3.1: K stochastic encodings of every image, computed once,
-stored in fp16 as memory-mapped arrays and reused every epoch (the teacher is not run while training).
-
-A cache folder holds `meta.json` and one `block{b}.npy` per teacher block, shaped (N, K, C, h, w).
-It is keyed on the teacher's weights, t, the encoding mode, the blocks, the resolution and the image
-list (names and sizes): a cache built from other inputs is refused with the setting that differs.
-It is built in a sibling `.partial` folder that replaces the target in one rename, so a killed build
-leaves either nothing or a complete cache, never a half-written one that gets read.
-"""
+"""Building the offline feature dataset (`data/features.py`): every image encoded K times by a
+teacher, fresh noise each time. Built in a sibling `.partial` folder that replaces the target in one
+rename, so a killed build leaves either nothing or a complete cache, never a half-written one."""
 
 from __future__ import annotations
 
@@ -19,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.hashing import file_digest
+from dreamteacher.data.features import FORMAT_VERSION, META_FILE, check_key, images_fingerprint, read_meta
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
-from dreamteacher.errors import UserError
-from dreamteacher.teachers.diffusion import DiffusionTeacher, FeatureSpec
+from dreamteacher.teachers.diffusion import DiffusionTeacher
 
-META_FILE = "meta.json"
-FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 
 
@@ -40,16 +33,8 @@ def teacher_fingerprint(path: str | Path) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
+        digest.update(file_digest(file).encode())
     return digest.hexdigest()[:16]
-
-
-def images_fingerprint(dataset: ImageFolder, root: Path) -> str:
-    """Names and sizes of the images, in dataset order (the cache is indexed like the dataset)."""
-    entries = [(str(p.relative_to(root)), p.stat().st_size) for p in dataset.paths]
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def cache_key(teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder, root: Path,
@@ -57,20 +42,6 @@ def cache_key(teacher_path: str | Path, teacher: DiffusionTeacher, dataset: Imag
     return {"version": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher_path), "t": teacher.t,
             "mode": teacher.mode, "blocks": list(teacher.blocks), "resolution": [dataset.height, dataset.width],
             "images": images_fingerprint(dataset, root), "num_images": len(dataset), "encodings": encodings}
-
-
-def read_meta(folder: Path) -> dict | None:
-    path = folder / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def check_key(folder: Path, meta: dict, key: dict) -> None:
-    """Refuse a cache built from other inputs, naming what changed."""
-    changed = [name for name in key if meta["key"].get(name) != key[name]]
-    if changed:
-        detail = ", ".join(f"{name}: cached {meta['key'].get(name)!r}, now {key[name]!r}" for name in changed)
-        raise UserError(f"feature cache {folder} was built from other inputs ({detail}); use another "
-                        "--cache folder, or --rebuild-cache to replace it")
 
 
 @torch.no_grad()
@@ -147,27 +118,3 @@ def wait_for_cache(folder: str | Path, teacher_path: str | Path, teacher: Diffus
         time.sleep(poll_seconds)
 
 
-class CachedFeatures(Dataset):
-    """(image in [-1, 1], [teacher feature per block]) with one of the K cached encodings drawn at
-    random per image per epoch. A flip applies to the image and its features together."""
-
-    def __init__(self, images: ImageFolder, folder: str | Path, meta: dict):
-        self.images, self.folder, self.meta = images, Path(folder), meta
-        self.specs = [FeatureSpec(**f) for f in meta["features"]]
-        self._arrays: list[np.ndarray] | None = None  # opened lazily: once per worker process
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def arrays(self) -> list[np.ndarray]:
-        if self._arrays is None:
-            self._arrays = [np.load(self.folder / f"block{s.block}.npy", mmap_mode="r") for s in self.specs]
-        return self._arrays
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        image = uint8_to_unit(self.images.load(index))
-        k = int(torch.randint(self.meta["key"]["encodings"], ()))
-        feats = [torch.from_numpy(np.array(array[index, k])) for array in self.arrays()]  # copy out of the map
-        if self.images.hflip and torch.rand(()) < 0.5:
-            image, feats = image.flip(-1), [f.flip(-1) for f in feats]
-        return image, feats

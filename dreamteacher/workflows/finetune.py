@@ -7,8 +7,6 @@ Defaults are the paper's (DreamTeacher F.3, from MMSegmentation's UperNet): SGD 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -19,54 +17,82 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
-from torch.utils.data import Dataset
 
-from dreamteacher.config import Sections, TrainerConfig, load_config_file, merge_overrides, resolve_sections, save_config
-from dreamteacher.downstream.data import SegmentationData
-from dreamteacher.downstream.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from dreamteacher.checkpoints import read_backbone_export, write_text_atomic
-from dreamteacher.downstream.models import HEADS, Segmenter, load_segmenter, save_segmenter
-from dreamteacher.errors import UserError
-from dreamteacher.train import engine
+from dreamteacher.core.config import (
+    Section,
+    Sections,
+    TrainerConfig,
+    bounded,
+    merge_overrides,
+    preset_layers,
+    resolve_sections,
+)
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import INIT, SEGMENTER, RunFolder
+from dreamteacher.data.labeled import Repeated, SegmentationData
+from dreamteacher.engine import trainer as engine
+from dreamteacher.engine.trainer import RunResult
+from dreamteacher.nn.optim import fused_adam
+from dreamteacher.nn.segmenters import HEADS, Segmenter, save_segmenter
+from dreamteacher.nn.weights import read_backbone_export, read_decoder_export
+from dreamteacher.workflows.teacher import summary
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
-INIT_FILE = "init.json"  # which parts started pretrained: written at the start, kept by resumes
 
 
 @dataclass
-class SegDataConfig:
-    resolution: list[int] = field(default_factory=lambda: [512, 512])  # [height, width] of training crops
-    num_classes: int = 0  # must be set (e.g. --num-classes 19)
-    ignore_index: int = 255  # label id excluded from the loss and from mIoU
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+class SegDataConfig(Section):
+    resolution: list[int] = bounded(low=32, factory=lambda: [512, 512])  # [height, width] of training crops
+    num_classes: int = bounded(0, low=1, allowed=(0,))  # must be set (e.g. --num-classes 19)
+    ignore_index: int = bounded(255, low=0)  # label id excluded from the loss and from mIoU
+    scale_range: list[float] = bounded(low=0, low_open=True, factory=lambda: [0.5, 2.0])
     hflip: bool = True
-    num_workers: int = 4
+    num_workers: int = bounded(4, low=0)
+
+    def check(self, config: Any) -> None:
+        if self.num_classes < 1:
+            raise UserError("data.num_classes must be set (--num-classes N)")
+        if len(self.resolution) != 2 or any(v % 32 for v in self.resolution):
+            raise UserError(f"data.resolution must be [height, width], multiples of 32, got {self.resolution}")
+        if len(self.scale_range) != 2 or self.scale_range[0] > self.scale_range[1]:
+            raise UserError(f"data.scale_range must be [low, high] with 0 < low <= high, got {self.scale_range}")
 
 
 @dataclass
-class SegModelConfig:
-    head: str = "upernet"  # or "readout": frozen backbone + linear 1x1 conv
+class SegModelConfig(Section):
+    head: str = "upernet"  # or "unet", or "readout": frozen backbone + linear 1x1 conv
     backbone: str = "resnet50"  # timm name, used with `--backbone none` (an export names its own model)
-    decoder_channels: int = 512  # UperNet width (MMSegmentation's default)
+    decoder_channels: int = bounded(512, low=1)  # UperNet width (MMSegmentation's default)
     # U-Net finest decoder block (blocks [16, 8, 4, 2, 1] x this); 0: the --decoder's, else 64 (paper's 1x)
-    unet_width: int = 0
-    norm_rescale: float = 1.0  # x the pretrained backbone's conv weights (PCD's NormRescale: 0.25); 1 = off
+    unet_width: int = bounded(0, low=0)
+    # x the pretrained backbone's conv weights (PCD's NormRescale: 0.25); 1 = off
+    norm_rescale: float = bounded(1.0, low=0, low_open=True)
+
+    def check(self, config: Any) -> None:
+        if self.head not in HEADS:
+            raise UserError(f"model.head must be one of {', '.join(HEADS)}, got '{self.head}'")
 
 
 @dataclass
-class SegOptimConfig:
+class SegOptimConfig(Section):
     name: str = "sgd"  # "sgd" (momentum) or "adamw"
-    lr: float = 0.01
+    lr: float = bounded(0.01, low=0, low_open=True)
     # x lr for the backbone's parameters: below 1 keeps more of a pretrained backbone through a long
     # fine-tuning on few labels (the decoder and classifier still train at lr); 1 = one lr for all
-    backbone_lr_scale: float = 1.0
-    momentum: float = 0.9  # SGD momentum; AdamW uses betas (0.9, 0.999)
-    weight_decay: float = 5e-4
+    backbone_lr_scale: float = bounded(1.0, low=0, low_open=True)
+    momentum: float = bounded(0.9, low=0, high=1)  # SGD momentum; AdamW uses betas (0.9, 0.999)
+    weight_decay: float = bounded(5e-4, low=0)
     schedule: str = "poly"  # or "cosine"
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    iterations: int = 20000
-    batch_size: int = 16  # global
+    poly_power: float = bounded(0.9, low=0, low_open=True)
+    warmup_iters: int = bounded(0, low=0)
+    iterations: int = bounded(20000, low=1)
+    batch_size: int = bounded(16, low=1)  # global
+
+    def check(self, config: Any) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise UserError(f"optim.name must be 'sgd' or 'adamw', got '{self.name}'")
+        if self.schedule not in ("poly", "cosine"):
+            raise UserError(f"optim.schedule must be 'poly' or 'cosine', got '{self.schedule}'")
 
 
 @dataclass
@@ -81,48 +107,11 @@ def available_finetune_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def preset_layers(kind: str, preset_dir: Path, preset: str | None, overrides: list[str] | dict | None,
-                  base: dict | None) -> list[dict]:
-    """Config layers in order: `base` (a saved run's config), the named preset file, the overrides."""
-    from dreamteacher.config import _as_dict
-
-    layers = [base or {}]
-    if preset:
-        path = preset_dir / f"{preset}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
-            raise UserError(f"unknown {kind} preset '{preset}'; choose one of: {', '.join(names)}")
-        layers.append(load_config_file(path))
-    return layers + [_as_dict(overrides)]
-
-
 def build_finetune_config(preset: str | None = None, overrides: list[str] | dict | None = None,
                           base: dict | None = None) -> FinetuneConfig:
     config = resolve_sections(FinetuneConfig, preset_layers("finetune", PRESET_DIR, preset, overrides, base))
-    validate_finetune(config)
+    config.validate()
     return config
-
-
-def validate_finetune(config: FinetuneConfig) -> None:
-    d, m, o = config.data, config.model, config.optim
-    if d.num_classes < 1:
-        raise UserError("data.num_classes must be set (--num-classes N)")
-    if len(d.resolution) != 2 or any(v < 32 or v % 32 for v in d.resolution):
-        raise UserError(f"data.resolution must be [height, width], multiples of 32, got {d.resolution}")
-    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
-        raise UserError(f"data.scale_range must be [low, high] with 0 < low <= high, got {d.scale_range}")
-    if m.head not in HEADS:
-        raise UserError(f"model.head must be one of {', '.join(HEADS)}, got '{m.head}'")
-    if m.norm_rescale <= 0:
-        raise UserError(f"model.norm_rescale must be positive (1 = off, PCD's 0.25), got {m.norm_rescale}")
-    if o.name not in ("sgd", "adamw"):
-        raise UserError(f"optim.name must be 'sgd' or 'adamw', got '{o.name}'")
-    if o.schedule not in ("poly", "cosine"):
-        raise UserError(f"optim.schedule must be 'poly' or 'cosine', got '{o.schedule}'")
-    if o.iterations < 1 or o.batch_size < 1:
-        raise UserError("optim.iterations and optim.batch_size must be positive")
-    if o.backbone_lr_scale <= 0:
-        raise UserError(f"optim.backbone_lr_scale must be positive (1 = the lr of the rest), got {o.backbone_lr_scale}")
 
 
 def lr_factor(schedule: str, total: int, warmup: int, power: float = 0.9):
@@ -137,19 +126,6 @@ def lr_factor(schedule: str, total: int, warmup: int, power: float = 0.9):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-class Repeated(Dataset):
-    """A small labeled set repeated to `length` draws, so a fixed-iteration run is one epoch."""
-
-    def __init__(self, dataset: Dataset, length: int):
-        self.dataset, self.length = dataset, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        return self.dataset[index % len(self.dataset)]
 
 
 class SegmentationTraining(L.LightningModule):
@@ -194,20 +170,19 @@ class SegmentationTraining(L.LightningModule):
         if o.name == "sgd":
             optimizer = create_optimizer_v2(groups, opt="momentum", lr=o.lr, momentum=o.momentum)
         else:
-            optimizer = create_optimizer_v2(groups, opt="adamw", lr=o.lr, **engine.fused_adam(self.model))
+            optimizer = create_optimizer_v2(groups, opt="adamw", lr=o.lr, **fused_adam(self.model))
         factor = lr_factor(o.schedule, o.iterations, o.warmup_iters, o.poly_power)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 @dataclass
-class FinetuneResult:
-    run_dir: Path
-    segmenter: Path
-    steps: int
-    seconds: float
-    final_loss: float | None
-    init: dict[str, Any]
+class FinetuneResult(RunResult):
+    init: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def segmenter(self) -> Path:
+        return self.files["segmenter"]
 
 
 def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path, out: str | Path,
@@ -224,9 +199,8 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     `data={"num_classes": 19}` or `optim={"iterations": 2000}`.
     """
     overrides = merge_overrides(overrides, sections)
-    run_dir = engine.check_run_dir(out)
-    saved = run_dir / "config.yaml"
-    base = load_config_file(saved) if resume and saved.is_file() else None
+    run = RunFolder(out)
+    base = run.saved_config() if resume else None
     config = build_finetune_config(None if base else preset, overrides, base)
     weights = None
     if backbone is None or str(backbone).lower() == "none":
@@ -240,16 +214,15 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
     d = config.data
     train_set = SegmentationData(images, masks, split, d.resolution, d.num_classes, d.ignore_index,
                                  augment=True, scale_range=tuple(d.scale_range), hflip=d.hflip)
-    ckpt = engine.prepare_run_dir(run_dir, resume)
-    save_config(config, saved)
+    ckpt = run.start(resume)
+    run.save_config(config)
     engine.seed_everything(config.trainer.seed)
     o = config.optim
-    trainer = engine.build_trainer(config.trainer, run_dir, o.iterations, o.batch_size, progress)
+    trainer = engine.build_trainer(config.trainer, run.path, o.iterations, o.batch_size, progress)
     loader = engine.make_loader(Repeated(train_set, o.iterations * o.batch_size), o.batch_size, trainer,
                                 d.num_workers, "optim.batch_size")
-    init_file = run_dir / INIT_FILE
-    if ckpt is not None and init_file.is_file():  # how the run started, whatever this call passed
-        init = json.loads(init_file.read_text())
+    if ckpt is not None and (run / INIT).is_file():  # how the run started, whatever this call passed
+        init = run.read(INIT)
     module = SegmentationTraining(config, init)
     if ckpt is None:
         if weights is not None:
@@ -258,27 +231,23 @@ def finetune(backbone: str | Path | None, images: str | Path, masks: str | Path,
         if decoder_weights is not None:
             init["decoder_random_layers"] = module.model.load_decoder(decoder_weights, str(decoder))
         if trainer.is_global_zero:
-            write_text_atomic(init_file, json.dumps(init, indent=2))
-    trainer.fit(module, loader, ckpt_path=ckpt)
-    trainer.save_checkpoint(engine.checkpoint_path(run_dir), weights_only=False)
-    loss = trainer.callback_metrics.get("train/loss")
-    result = FinetuneResult(run_dir, run_dir / "segmenter.safetensors", trainer.global_step,
-                            engine.training_seconds(trainer), float(loss) if loss is not None else None, init)
+            run.write(INIT, init)
+    fitted = engine.fit(run, trainer, module, loader, ckpt)
+    result = FinetuneResult(**vars(fitted), init=init)
+    result.files["segmenter"] = run / SEGMENTER
     if trainer.is_global_zero:
         info = {**init, "head": config.model.head, "num_classes": d.num_classes, "ignore_index": d.ignore_index,
                 "resolution": d.resolution, "decoder_channels": config.model.decoder_channels,
                 "unet_width": init["unet_width"],
                 "labeled_images": len(train_set), "split": str(split) if split else None,
-                "iterations": trainer.global_step, "seconds": round(result.seconds, 1)}
-        save_segmenter(module.model, run_dir, info)
-        (run_dir / "run.json").write_text(json.dumps({"method": "finetune", **info}, indent=2))
+                "iterations": result.steps, "seconds": round(result.seconds, 1)}
+        save_segmenter(module.model, run.path, info)
+        run.write_summary(summary(result, "finetune", epochs=result.steps * o.batch_size / len(train_set), **info))
     return result
 
 
 def _decoder_init(decoder: str | Path | None, config: FinetuneConfig, init: dict[str, Any]) -> dict | None:
     """Checks a pretrained decoder against the model it will initialize; records it in `init`."""
-    from dreamteacher.checkpoints import read_decoder_export
-
     m = config.model
     init["unet_width"] = m.unet_width or 64
     init["decoder_init"] = "random"
@@ -311,50 +280,3 @@ def _decoder_init(decoder: str | Path | None, config: FinetuneConfig, init: dict
     init.update({"decoder_init": "pretrained", "decoder_source": str(Path(decoder).resolve()),
                  "decoder_method": meta.get("method", "")})
     return weights
-
-
-@dataclass
-class EvalResult:
-    miou: float
-    per_class: list[float]
-    pixel_accuracy: float
-    images: int
-    confusion: list[list[int]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def crop_box(full_h: int, full_w: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The region of a full-size label map that `resize_center_crop` to height x width shows:
-    (top, left, rows, cols) in full-size pixels."""
-    scale = max(height / full_h, width / full_w)
-    rows, cols = min(full_h, round(height / scale)), min(full_w, round(width / scale))
-    return (full_h - rows) // 2, (full_w - cols) // 2, rows, cols
-
-
-@torch.no_grad()
-def evaluate(run: str | Path, images: str | Path, masks: str | Path, split: str | Path | None = None,
-             batch_size: int = 8, out: str | Path | None = None) -> EvalResult:
-    """mIoU of a fine-tuned run on an image/mask folder pair, against the labels at their own
-    resolution (predictions are made at the run's resolution and upsampled bilinearly as logits)."""
-    model, info = load_segmenter(run)
-    data = SegmentationData(images, masks, split, info["resolution"], info["num_classes"], info["ignore_index"],
-                            full_masks=True)
-    num_classes, ignore = info["num_classes"], info["ignore_index"]
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for start in range(0, len(data), batch_size):
-        indices = range(start, min(start + batch_size, len(data)))
-        batch = torch.stack([data[i][0] for i in indices])
-        logits = model(batch)
-        for row, i in enumerate(indices):
-            full = data.full_masks[i]
-            top, left, rows, cols = crop_box(*full.shape, *info["resolution"])
-            target = full[top:top + rows, left:left + cols]
-            up = F.interpolate(logits[row:row + 1], size=(rows, cols), mode="bilinear", align_corners=False)
-            confusion += confusion_matrix(up.argmax(1)[0], target, num_classes, ignore)
-    per_class = iou_per_class(confusion)
-    result = EvalResult(mean_iou(per_class), per_class, pixel_accuracy(confusion), len(data), confusion.tolist())
-    if out is not None:
-        Path(out).write_text(json.dumps(result.to_dict(), indent=2))
-    return result

@@ -19,26 +19,15 @@ backbone. Formats (`dreamteacher export RUN --format F`):
 
 from __future__ import annotations
 
-import json
+import pickle
 from pathlib import Path
 
 import timm
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from dreamteacher.errors import UserError
-
-BACKBONE_PREFIX = "backbone.features.model."  # DreamTeacher students (methods/dt_feat.py)
-# denoising pretraining: the timm model and the decoder inside the U-Net Segmenter (methods/denoising.py)
-UNET_BACKBONE_PREFIX = "model.net.encoder.model.model."
-UNET_DECODER_PREFIX = "model.net.decoder."
-DECODER_FORMAT = "smp-unet-decoder"
-UPERNET_DECODER_FORMAT = "smp-upernet-decoder"  # dt-mix: regressor + logit head as UPerNet's decoder + head
-
-
-def backbone_prefix(method: str) -> str:
-    return UNET_BACKBONE_PREFIX if method in ("dep", "ddep") else BACKBONE_PREFIX
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import atomic_write, save_safetensors_atomic, write_json_atomic
+from dreamteacher.methods.base import METHODS
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -50,19 +39,6 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path}: not a dreamteacher training checkpoint (no state_dict / hyper_parameters)")
     return ckpt
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a sibling temporary file and rename it over `path`: readers see old or new, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
 
 
 FORMATS = ("timm", "torchvision", "smp", "mmseg", "detectron2")
@@ -79,19 +55,28 @@ def timm_backbone_weights(checkpoint: str | Path) -> tuple[str, dict, dict[str, 
     ckpt = read_checkpoint(checkpoint)
     hparams = ckpt["hyper_parameters"]
     name = hparams["config"]["student"]["backbone"]
-    prefix = backbone_prefix(hparams.get("method", ""))
-    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    prefix = ckpt.get("backbone_prefix") or _find_prefix(ckpt["state_dict"], model.state_dict())
+    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if prefix and k.startswith(prefix)}
     if not weights:
         raise UserError(f"{checkpoint}: holds no student backbone (method '{hparams.get('method')}')")
     # timm's feature wrapper drops the classifier head (and e.g. ConvNeXt's head norm); fill those
     # with the model's own init so the file has exactly timm's key set for num_classes=0.
-    model = timm.create_model(name, pretrained=False, num_classes=0)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("head") for k in missing):
         raise UserError(f"{checkpoint}: backbone weights do not match timm '{name}' "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     hparams = {**hparams, "step": int(ckpt.get("global_step", 0))}
     return name, hparams, model.state_dict()
+
+
+def _find_prefix(state_dict: dict, timm_keys: dict) -> str | None:
+    """Where a timm model sits in a state dict written before checkpoints recorded it: the shortest
+    prefix under which every non-head key of the model is found (MoCo v3's momentum copy is longer)."""
+    wanted = [k for k in timm_keys if not k.startswith(("head", "fc.", "classifier"))]
+    anchor = wanted[0]
+    candidates = sorted({k[: -len(anchor)] for k in state_dict if k.endswith(anchor)}, key=len)
+    return next((p for p in candidates if all(p + k in state_dict for k in wanted)), None)
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, format: str = "timm") -> Path:
@@ -105,7 +90,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, format: str = "timm
             "teacher": str(hparams.get("teacher", "")), "step": hparams["step"],
             "input": "RGB normalized with the timm model's mean/std"}
     info.update(WRITERS[format](name, weights, out, info))
-    out.with_suffix(".json").write_text(json.dumps({**info, "config": hparams["config"]}, indent=2))
+    write_json_atomic(out.with_suffix(".json"), {**info, "config": hparams["config"]})
     return out
 
 
@@ -180,9 +165,7 @@ def _write_mmseg(name: str, weights: dict, out: Path, info: dict) -> dict:
     state = {f"backbone.{k}": v.contiguous() for k, v in torchvision_keys(name, weights).items()}
     extra = {"load": "load_from=path (or backbone init_cfg=dict(type='Pretrained', checkpoint=path, "
                      "prefix='backbone.')); backbone=dict(type='ResNet', depth=N)"}
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"meta": {**info, **extra}, "state_dict": state}, tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: torch.save({"meta": {**info, **extra}, "state_dict": state}, tmp))
     return extra
 
 
@@ -198,18 +181,13 @@ def detectron2_name(key: str) -> str:
 
 
 def _write_detectron2(name: str, weights: dict, out: Path, info: dict) -> dict:
-    import pickle
-
     _require_torchvision_twin(name, "detectron2")
     model = {detectron2_name(k): v.numpy() for k, v in torchvision_keys(name, weights).items()
              if not k.endswith("num_batches_tracked")}
     extra = {"load": "MODEL.WEIGHTS=path (DetectionCheckpointer; MODEL.PIXEL_MEAN/STD as the timm model's, "
                      "RGB input)"}
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump({"model": model, "__author__": "dreamteacher", "matching_heuristics": True,
-                     "meta": {**info, **extra}}, f)
-    tmp.replace(out)
+    payload = {"model": model, "__author__": "dreamteacher", "matching_heuristics": True, "meta": {**info, **extra}}
+    atomic_write(out, lambda tmp: tmp.write_bytes(pickle.dumps(payload)))
     return extra
 
 
@@ -217,89 +195,21 @@ WRITERS = {"timm": _write_timm, "torchvision": _write_torchvision, "smp": _write
            "detectron2": _write_detectron2}
 
 
-def _read_export(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(weights, metadata) of a .safetensors export; one clear line for a missing or unreadable file."""
-    if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except Exception:  # noqa: BLE001 - any unreadable file: one message
-        raise UserError(f"{path}: not a safetensors {what} export") from None
-
-
-def read_backbone_export(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
-    """An exported backbone -> (timm model name, weights under timm keys, metadata)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".ckpt":
-        raise UserError(f"{path} is a training run/checkpoint, not a backbone export: run "
-                        f"`dreamteacher export {path}` and pass the .safetensors it writes")
-    weights, meta = _read_export(path, "backbone")
-    if meta.get("format") != "timm" or "model" not in meta:
-        hint = f" (this one has {meta['format']} keys)" if meta.get("format") else ""
-        raise UserError(f"{path}: not a dreamteacher backbone export in the timm format{hint}: make one with "
-                        "`dreamteacher export RUN --format timm`")
-    return meta["model"], weights, meta
-
-
-def upernet_decoder_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A dt-mix student's regressor and logit head under the keys of segmentation_models_pytorch's
-    `UPerNet` (`decoder.*`, `segmentation_head.*`), the mapping being exact where the two share a layer:
-    PPM branches and fuse = `psp.blocks.i.1` / `psp.out_conv` (same concatenation order), FPN laterals
-    and output convs of levels 2, 1, 0 = `fpn_lateral_blocks.0..2` / `fpn_conv_blocks.0..2`, logit head
-    = `segmentation_head.0`. smp's `feature_norms` and `fusion_block` have no counterpart: random."""
-    renames = [("regressor.ppm.fuse.", "decoder.psp.out_conv."), ("label_head.", "segmentation_head.0.")]
-    renames += [(f"regressor.ppm.branches.{i}.", f"decoder.psp.blocks.{i}.1.") for i in range(4)]
-    renames += [(f"regressor.laterals.{level}.", f"decoder.fpn_lateral_blocks.{2 - level}.conv_norm_relu.")
-                for level in range(3)]
-    renames += [(f"regressor.outputs.{level}.", f"decoder.fpn_conv_blocks.{2 - level}.") for level in range(3)]
-    mapped = {}
-    for key, value in state_dict.items():
-        for old, new in renames:
-            if key.startswith(old):
-                mapped[new + key[len(old):]] = value
-    return mapped
-
-
 def export_decoder(checkpoint: str | Path, out: str | Path) -> Path:
-    """A pretrained decoder -> `out` (.safetensors) + `out.json`, what `finetune --decoder` loads:
-    - dep / ddep: the U-Net decoder without its 3-channel denoising projection (the keys of
-      segmentation_models_pytorch's `Unet(...).decoder`);
-    - dt-mix: the regressor and logit head as an smp `UPerNet` decoder and head (G.4)."""
+    """A pretrained decoder -> `out` (.safetensors) + `out.json`, what `finetune --decoder` loads, in
+    the layout of the head its method pretrains (`PretrainMethod.decoder_export`)."""
     ckpt = read_checkpoint(checkpoint)
     hparams = ckpt["hyper_parameters"]
     method, config = hparams.get("method", ""), hparams["config"]
-    if method == "dt-mix":
-        weights = upernet_decoder_weights(ckpt["state_dict"])
-        info = {"format": UPERNET_DECODER_FORMAT, "head": "upernet",
-                "decoder_channels": config["student"]["regressor_channels"], "num_classes": hparams["num_classes"]}
-    else:
-        weights = {k[len(UNET_DECODER_PREFIX):]: v for k, v in ckpt["state_dict"].items()
-                   if k.startswith(UNET_DECODER_PREFIX)}
-        info = {"format": DECODER_FORMAT, "head": "unet", "unet_width": config["denoise"]["unet_width"]}
-    if not weights:
-        raise UserError(f"{checkpoint}: holds no pretrained decoder (method '{method}'); dep, ddep and dt-mix "
-                        "runs pretrain one")
+    exported = METHODS.get(method).decoder_export(ckpt["state_dict"], hparams) if method in METHODS else None
+    if not exported or not exported[0]:
+        with_decoders = ", ".join(n for n, m in METHODS.items() if m.decoder_head)
+        raise UserError(f"{checkpoint}: holds no pretrained decoder (method '{method}'); {with_decoders} runs "
+                        "pretrain one")
+    weights, info = exported
     out = Path(out)
     info.update({"model": config["student"]["backbone"], "method": method, "step": int(ckpt.get("global_step", 0)),
                  "load": f"dreamteacher finetune --head {info['head']} --backbone BACKBONE --decoder PATH"})
     save_safetensors_atomic(weights, out, {k: str(v) for k, v in info.items()})
-    out.with_suffix(".json").write_text(json.dumps({**info, "config": config}, indent=2))
+    write_json_atomic(out.with_suffix(".json"), {**info, "config": config})
     return out
-
-
-def read_decoder_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A `decoder.safetensors` of a dep/ddep/dt-mix run -> (weights, metadata: format, head, model, ...)."""
-    weights, meta = _read_export(Path(path), "decoder")
-    if meta.get("format") not in (DECODER_FORMAT, UPERNET_DECODER_FORMAT):
-        raise UserError(f"{path}: not a decoder export (dep, ddep and dt-mix runs write decoder.safetensors)")
-    return weights, meta
-
-
-def load_backbone(path: str | Path) -> torch.nn.Module:
-    """A timm model (num_classes=0) with the exported weights, loaded strictly."""
-    name, weights, _ = read_backbone_export(path)
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    model.load_state_dict(weights, strict=True)
-    return model

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dreamteacher.config import Config, DiffusionConfig
-from dreamteacher.teachers.diffusion import default_scheduler
-from dreamteacher.train.engine import fused_adam
+from dreamteacher.core.config import Config
+from dreamteacher.methods.base import TeacherTrainer, register_teacher_trainer
+from dreamteacher.nn.optim import fused_adam
+from dreamteacher.teachers.diffusion import build_unet, default_scheduler
 
 
 def random_crops(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -28,22 +28,14 @@ def random_crops(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.stack([img[:, y:y + height, x:x + width] for img, y, x in zip(images, tops, lefts)])
 
 
-def build_unet(cfg: DiffusionConfig, resolution: list[int]) -> UNet2DModel:
-    attention = set(cfg.attention_levels)
-    levels = range(len(cfg.block_out_channels))
-    return UNet2DModel(
-        sample_size=tuple(resolution), in_channels=3, out_channels=3,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if lvl in attention else "ResnetDownsampleBlock2D" for lvl in levels),
-        up_block_types=tuple("AttnUpBlock2D" if lvl in attention else "ResnetUpsampleBlock2D" for lvl in reversed(levels)),
-        downsample_type="resnet", upsample_type="resnet", attention_head_dim=cfg.attention_head_dim,
-        resnet_time_scale_shift="scale_shift", norm_num_groups=32, attn_norm_num_groups=32,
-        flip_sin_to_cos=True, freq_shift=0, dropout=cfg.dropout,
-    )
-
-
-class TeacherTraining(L.LightningModule):
+@register_teacher_trainer
+class TeacherTraining(TeacherTrainer):
     """batch of images in [-1, 1] -> {"loss": MSE(eps_pred, eps)} at uniformly drawn steps."""
+
+    kind = "ddpm"
+    summary = "a diffusion U-Net (the default)"
+    family = "diffusion"
+    sections = ("diffusion",)
 
     def __init__(self, config: Config):
         super().__init__()
@@ -83,7 +75,7 @@ class TeacherTraining(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=self.config.teacher_train.grad_clip, gradient_clip_algorithm="norm")
 
-    def save_pipeline(self, folder: Path) -> None:
+    def save_teacher(self, folder: Path) -> None:
         """The EMA U-Net + scheduler as a diffusers DDPMPipeline (`DDPMPipeline.from_pretrained(folder)`)."""
         ema_unet = self.ema.module
         DDPMPipeline(unet=ema_unet, scheduler=self.noise_scheduler).save_pretrained(folder, safe_serialization=True)

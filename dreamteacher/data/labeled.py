@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dreamteacher.core.errors import UserError
 from dreamteacher.data.images import IMAGE_SUFFIXES, list_images, load_rgb, pil_to_uint8, resize_center_crop
-from dreamteacher.errors import UserError
 
 
 def read_split(path: str | Path) -> list[str]:
@@ -137,3 +137,16 @@ class SegmentationData(Dataset):
         left = int(torch.randint(0, image.shape[2] - self.width + 1, ()))
         return (image[:, top:top + self.height, left:left + self.width],
                 mask[top:top + self.height, left:left + self.width])
+
+
+class Repeated(Dataset):
+    """A small labeled set repeated to `length` draws, so a fixed-iteration run is one epoch."""
+
+    def __init__(self, dataset: Dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]

@@ -1,0 +1,1 @@
+"""Benchmarks: recipes, the stage cache, pretraining stages, fine-tuning cells, tables, and step timing."""

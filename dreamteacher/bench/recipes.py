@@ -1,0 +1,154 @@
+"""Benchmark recipes (`bench/recipes/*.yaml`): the data, evaluation sets, settings, stages and rows of
+a bench, and the `Bench` that carries one recipe through a run.
+
+A row names a segmenter to fine-tune and score: `{method: NAME, head: HEAD}`, where NAME is a stage of
+the recipe's `stages` (how its backbone is made) or, where the recipe has no stage of that name, a
+registered method trained on the images alone. A stage is one of
+
+    {train_teacher: KIND}            train-teacher --kind KIND on the unlabeled images
+    {train_teacher: KIND, untrained: true}
+                                     the same teacher at its random initialization (a control)
+    {method: NAME, INPUT: STAGE...}  pretrain --method NAME; INPUT (teacher, encoder) from another stage
+    {method: NAME, interpreter: labels, teacher: STAGE}
+                                     ... with an interpreter trained on each row fraction's labels
+    {interpreter: STAGE}             the teacher of STAGE with a feature interpreter as the segmenter
+
+and takes its settings from the pretraining preset with `method_overrides[overrides]` on top
+(`overrides` defaults to the stage's name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from dreamteacher.core.errors import UserError
+from dreamteacher.methods.base import METHODS
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+FRACTIONS = ("1-30", "1-8", "1-4", "full")
+
+# Where every stage of a bench runs (`bench --device`): cpu keeps the recipe's own settings (its
+# presets are sized for CPU); gpu moves every stage to one GPU with loader workers. Both are part of
+# the stage keys, so the two never mix cells.
+DEVICE_SETTINGS = {"cpu": {}, "gpu": {"trainer": {"accelerator": "gpu", "devices": 1}, "data": {"num_workers": 4}}}
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(recipe: str | Path) -> dict:
+    path = Path(recipe)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown recipe '{recipe}'; choose one of {', '.join(available_recipes())} "
+                            "or give a recipe .yaml path")
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path}: not valid YAML ({exc.__class__.__name__})") from None
+    for key in ("name", "data", "rows", "iterations", "seeds"):
+        if key not in spec:
+            raise UserError(f"recipe {path}: missing '{key}'")
+    return spec
+
+
+def deep_merge(*layers: dict) -> dict:
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = deep_merge(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def eval_sets(spec: dict, root: Path, extra_images: str | Path | None = None,
+              extra_masks: str | Path | None = None) -> dict[str, tuple[Path, Path]]:
+    """The recipe's evaluation sets, name -> (images, masks), in its order (the first is the primary
+    one): `data.eval_sets` ({name: {images, masks}}), or the single pair `data.eval_images` /
+    `data.eval_masks` named after its folder; plus `extra_images` / `extra_masks` (`--eval-images`),
+    named after its folder too (with `-extra` where that name is taken)."""
+    data = spec["data"]
+    listed = data.get("eval_sets") or {Path(data["eval_images"]).name: {"images": data["eval_images"],
+                                                                       "masks": data["eval_masks"]}}
+    sets = {name: (root / paths["images"], root / paths["masks"]) for name, paths in listed.items()}
+    if extra_images is not None:
+        name = Path(extra_images).name
+        sets[name if name not in sets else f"{name}-extra"] = (Path(extra_images), Path(extra_masks))
+    for images, masks in sets.values():
+        for folder in (images, masks):
+            if not folder.is_dir():
+                raise UserError(f"evaluation folder not found: {folder}")
+    return sets
+
+
+def row_key(row: dict) -> tuple[str, str]:
+    """(method, head) of a recipe row or of a result cell."""
+    return row["method"], row.get("head", "upernet")
+
+
+def cell_key(cell: dict) -> tuple:
+    return (*row_key(cell), cell["fraction"], cell["seed"])
+
+
+def select(values: list[str], chosen: list[str] | None, what: str) -> list[str]:
+    if not chosen:
+        return values
+    unknown = [c for c in chosen if c not in values]
+    if unknown:
+        raise UserError(f"--{what}: {', '.join(unknown)} not in the recipe (it has {', '.join(values)})")
+    return [v for v in values if v in chosen]
+
+
+@dataclass
+class Bench:
+    """One recipe being run into `out`: where its data is, how its stages are configured, and the
+    stages computed so far (each stage once per invocation)."""
+
+    spec: dict
+    out: Path
+    data_root: Path
+    eval_sets: dict[str, tuple[Path, Path]]  # name -> (images, masks); the first is the primary one
+    progress: bool = True
+    device: str = "cpu"
+    log: Callable[[str], None] = print
+    computed: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    def path(self, key: str) -> Path:
+        path = self.data_root / self.spec["data"][key]
+        if not path.exists():
+            raise UserError(f"recipe data '{key}' not found: {path} (set --data-root)")
+        return path
+
+    def overrides(self, *layers: dict | None) -> dict:
+        """The recipe's override layers for a stage, with the bench's device settings on top."""
+        return deep_merge(*(layer or {} for layer in layers), DEVICE_SETTINGS[self.device])
+
+    def pretrain_config(self, overrides_name: str | None = None) -> tuple[str | None, dict]:
+        """The pretraining preset and overrides, `method_overrides[overrides_name]` on top when given."""
+        layer = (self.spec.get("method_overrides") or {}).get(overrides_name) if overrides_name else None
+        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"), layer)
+
+    def stage_spec(self, name: str) -> dict:
+        """How stage `name` is made: the recipe's `stages[name]`, or a registered method of that name
+        trained on the images alone."""
+        stages = self.spec.get("stages") or {}
+        if name in stages:
+            return stages[name]
+        if name in METHODS:
+            return {"method": name}
+        known = ", ".join([*stages, *(m for m in METHODS if m not in stages)])
+        raise UserError(f"recipe row or stage '{name}' is neither a stage of the recipe nor a method; known: {known}")

@@ -1,0 +1,169 @@
+"""`pretrain`: any registered method (methods/), from checking its inputs to the exported backbone.
+
+Nothing here knows a method by name: a method declares its inputs, views, teacher families and exports
+(`methods/base.py`), and this module runs the same steps for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from dreamteacher.core.config import Config, build_config, merge_overrides
+from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import BACKBONE, DECODER, SUMMARY, RunFolder, read_json
+from dreamteacher.data.features import CachedFeatures, read_meta
+from dreamteacher.data.images import ImageFolder
+from dreamteacher.data.sampling import SeededSamples, steps_per_epoch
+from dreamteacher.engine import trainer as engine
+from dreamteacher.engine.trainer import RunResult
+from dreamteacher.export.checkpoints import export_backbone, export_decoder
+from dreamteacher.methods.base import METHODS, PretrainInputs, PretrainMethod, refuse_unaccepted
+from dreamteacher.nn.backbone import check_backbone_name
+from dreamteacher.teachers.base import load_teacher
+from dreamteacher.teachers.encoding import open_cache, wait_for_cache
+from dreamteacher.workflows.teacher import resolve_config, summary
+
+
+@dataclass
+class PretrainingJob:
+    """Everything `pretrain` fits, built but not started (also what `bench-speed` times)."""
+    run_dir: Path
+    config: Config
+    module: PretrainMethod
+    loader: torch.utils.data.DataLoader
+    trainer: object
+    resume_from: Path | None
+    steps_per_epoch: int
+    teacher: object
+
+
+def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path | None = None,
+                        method: str = "dt-feat", model: str | None = None, preset: str | None = None,
+                        overrides: list[str] | dict | None = None, resume: bool = False, progress: bool = True,
+                        cache: str | Path | None = None, rebuild_cache: bool = False,
+                        callbacks: list = (), encoder: str | Path | None = None,
+                        interpreter: str | Path | None = None) -> PretrainingJob:
+    """Checks everything and builds the job; refused inputs cost nothing (no folder, no cache)."""
+    method_cls = METHODS.get(method)
+    run = RunFolder(out)
+    inputs = PretrainInputs(*(str(v) if v is not None else None for v in (teacher, cache, encoder, interpreter)))
+    if resume:  # a resumed run keeps its teacher, feature cache, encoder and interpreter unless told otherwise
+        for name, saved in run.inputs().items():
+            if getattr(inputs, name, None) is None and saved is not None:
+                setattr(inputs, name, saved)
+    refuse_unaccepted(method_cls, inputs)
+    implied = method_cls.resolve_inputs(inputs, model)  # e.g. dt-mix's teacher, ddep's architecture
+    if method_cls.teacher_families and inputs.teacher is None:
+        raise UserError(f"--method {method} needs --teacher: a {' or '.join(method_cls.teacher_families)} teacher")
+    extra = merge_overrides({"student": {"backbone": model}} if model else {}, implied)
+    config = resolve_config(run, preset, merge_overrides(overrides, extra or {}), resume)
+    check_backbone_name(config.student.backbone)
+    images = method_cls.image_folder(data, config)
+    if inputs.teacher is not None:
+        inputs.teacher_model = load_teacher(inputs.teacher, config, method_cls.teacher_families)
+        inputs.teacher_model.check_resolution(*config.data.resolution)
+        inputs.feature_specs = list(getattr(inputs.teacher_model, "feature_specs", []))  # a feature teacher's
+    method_cls.check_config(config, inputs)
+    ckpt = run.start(resume)  # before a cache build: a refused run costs nothing
+    dataset = images
+    if inputs.cache is not None:
+        dataset = cached_dataset(inputs, images, data, config, rebuild_cache, progress)
+        inputs.feature_specs = dataset.specs
+        inputs.teacher_model = None  # training reads the cache; the teacher is not needed on any device
+    dataset = SeededSamples(method_cls.dataset(dataset, config, inputs), config.trainer.seed,
+                            noise=method_cls.needs_noise(config, inputs))
+    run.save_config(config)
+    if rank_zero_only.rank == 0:
+        run.save_inputs(inputs.given())
+    engine.seed_everything(config.trainer.seed)
+    opt = config.optim
+    per_epoch = steps_per_epoch(len(dataset), opt.batch_size)
+    total = opt.max_steps if opt.max_steps > 0 else opt.epochs * per_epoch
+    trainer = engine.build_trainer(config.trainer, run.path, total, opt.batch_size, progress, callbacks)
+    loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size",
+                                seed=config.trainer.seed)
+    module = method_cls.build(config, inputs)
+    module.total_steps = total
+    module.warmup_steps = round(total * opt.warmup_epochs / opt.epochs)
+    return PretrainingJob(run.path, config, module, loader, trainer, ckpt, per_epoch, inputs.teacher_model)
+
+
+def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = None, method: str = "dt-feat",
+             model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
+             resume: bool = False, progress: bool = True, cache: str | Path | None = None,
+             rebuild_cache: bool = False, encoder: str | Path | None = None,
+             interpreter: str | Path | None = None, **sections: dict) -> RunResult:
+    """Pretrain a timm backbone `model` on unlabeled images with `method` (`dreamteacher pretrain
+    --help` lists them); writes checkpoints, logs, the resolved config, `out/run.json` and
+    `out/backbone.safetensors` (timm keys), and `out/decoder.safetensors` where the method pretrains
+    a decoder (dep, ddep, dt-mix).
+
+    - `method="dt-feat"`: distill `teacher` (DreamTeacher). `cache`: a folder for the offline feature
+      dataset (built on first use, reused after; the teacher is then not run while training).
+    - `method="dt-mix"`: the same plus label distillation from an `interpreter` run (Eq. 6); the
+      teacher defaults to the interpreter's.
+    - `method="dep"`: denoising pretraining of a whole U-Net; `"ddep"`: of its decoder alone, on the
+      frozen `encoder` (an exported backbone).
+    - `method="mocov3"`: MoCo v3 on the images; also writes `out/moco_v3.pth` (the official
+      checkpoint layout), a teacher for `method="pcd"`: pixel-wise contrastive distillation from
+      `teacher` (a MoCo v3 checkpoint or mocov3 run).
+
+    Settings: `preset`, `overrides` (["optim.epochs=10"] or a nested dict), then section keywords such
+    as `optim={"epochs": 100}`, `encode={"t": 150}` or `denoise={"sigma": 0.5}`.
+    """
+    job = prepare_pretraining(data, out, teacher, method, model, preset, merge_overrides(overrides, sections),
+                              resume, progress, cache, rebuild_cache, encoder=encoder, interpreter=interpreter)
+    run = RunFolder(job.run_dir)
+    result = engine.fit(run, job.trainer, job.module, job.loader, job.resume_from)
+    if job.trainer.is_global_zero:
+        result.files["backbone"] = export_backbone(result.checkpoint, run / BACKBONE)
+        if job.module.decoder_head:  # a decoder the downstream model can start from too
+            result.files["decoder"] = export_decoder(result.checkpoint, run / DECODER)
+        result.files.update(job.module.extra_exports(run.path))
+        run.write_summary(summary(result, method, epochs=result.steps / job.steps_per_epoch))
+    return result
+
+
+def encoding_device(config: Config) -> torch.device:
+    """Where the teacher encodes the feature cache: the run's GPU when it has one."""
+    return torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def cached_dataset(inputs: PretrainInputs, images: ImageFolder, data, config: Config, rebuild: bool,
+                   progress: bool) -> CachedFeatures:
+    """The images paired with their cached teacher features; rank 0 builds a missing cache while the
+    other processes of a torchrun/SLURM job wait for it."""
+    if not hasattr(inputs.teacher_model, "encode"):
+        raise UserError(f"--teacher {inputs.teacher} is a GAN: its dataset is synthesized online and has no "
+                        "feature cache (no --cache)")
+    encodings = config.encode.cache_encodings
+    if rank_zero_only.rank == 0:
+        meta = open_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, data, encodings,
+                          encoding_device(config), rebuild=rebuild, progress=progress)
+    else:
+        meta = wait_for_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, data, encodings)
+    return CachedFeatures(images, inputs.cache, meta)
+
+
+def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path, preset: str | None = None,
+                        overrides: list[str] | dict | None = None, progress: bool = True) -> float:
+    """Encode `data` with `teacher` into the offline feature cache `cache` (what `pretrain(cache=...)`
+    builds on first use), ahead of training: returns the seconds it took (0 when it was there)."""
+    config = build_config(preset, overrides)
+    inputs = PretrainInputs(teacher=str(teacher), cache=str(cache))
+    inputs.teacher_model = load_teacher(teacher, config, ("diffusion", "gan"))
+    inputs.teacher_model.check_resolution(*config.data.resolution)
+    images = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    existed = read_meta(Path(cache)) is not None
+    start = time.perf_counter()
+    cached_dataset(inputs, images, data, config, rebuild=False, progress=progress)
+    return 0.0 if existed else time.perf_counter() - start
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    return read_json(Path(run_dir) / SUMMARY)

@@ -1,0 +1,103 @@
+"""Teachers of one's own: `train-teacher` (a DDPM or a StyleGAN2 on an unlabeled image folder), the
+untrained control, and `sample`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from dreamteacher.analysis.pictures import save_grid
+from dreamteacher.core.config import build_config, merge_overrides
+from dreamteacher.core.runs import TEACHER, RunFolder
+from dreamteacher.data.images import ImageFolder
+from dreamteacher.engine import trainer as engine
+from dreamteacher.engine.trainer import RunResult
+from dreamteacher.methods.base import TEACHER_TRAINERS
+from dreamteacher.teachers.base import load_teacher, teacher_trainer
+
+
+def resolve_config(run: RunFolder, preset: str | None, overrides: list[str] | dict | None, resume: bool):
+    """A resumed run keeps its settings (overrides may still extend it); a new one is preset + overrides."""
+    saved = run.saved_config() if resume else None
+    return build_config(None, overrides, base=saved) if saved is not None else build_config(preset, overrides)
+
+
+def save_atomically(folder: Path, save) -> Path:
+    """`save(temp_folder)` then one rename over `folder`: a killed save leaves no half-written teacher."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder
+
+
+def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
+                  overrides: list[str] | dict | None = None, resume: bool = False,
+                  progress: bool = True, kind: str = "ddpm", **sections: dict) -> RunResult:
+    """Train a teacher on an unlabeled image folder; writes `out/teacher/`, checkpoints, logs and the
+    resolved config. `kind="ddpm"`: a diffusers DDPMPipeline of the EMA weights; `kind="stylegan2"`:
+    the EMA generator (`generator.safetensors` + `stylegan2.json`, settings in the `gan` section).
+
+    Settings: `preset`, then `overrides` (["teacher_train.max_steps=500"] or a nested dict), then
+    section keywords, e.g. `teacher_train={"max_steps": 500}`.
+    """
+    trainer_cls = TEACHER_TRAINERS.get(kind)
+    run = RunFolder(out)
+    config = resolve_config(run, preset, merge_overrides(overrides, sections), resume)
+    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    trainer_cls.check_config(config)
+    ckpt = run.start(resume)
+    run.save_config(config)
+    engine.seed_everything(config.trainer.seed)
+    tt = config.teacher_train
+    steps_per_iteration = trainer_cls.optimizer_steps_per_iteration
+    trainer = engine.build_trainer(teacher_trainer(config), run.path, tt.max_steps * steps_per_iteration,
+                                   tt.batch_size, progress)
+    loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size")
+    module = trainer_cls(config)
+    result = engine.fit(run, trainer, module, loader, ckpt)
+    result.steps //= steps_per_iteration
+    result.files["teacher"] = run / TEACHER
+    if trainer.is_global_zero:
+        save_atomically(run / TEACHER, module.save_teacher)
+        run.write_summary(summary(result, module.hparams["method"], epochs=result.steps * tt.batch_size / len(dataset)))
+    return result
+
+
+def summary(result: RunResult, method: str, epochs: float, **extra) -> dict:
+    """`RUN/run.json`: what finished, in how many steps, epochs and seconds (all resumed parts)."""
+    return {"method": method, "status": "finished", "steps": result.steps, "epochs": round(epochs, 2),
+            "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+            "files": {k: str(v) for k, v in result.files.items()}, **extra}
+
+
+def untrained_teacher(out: str | Path, preset: str | None = None,
+                      overrides: list[str] | dict | None = None, seed: int = 0, kind: str = "ddpm") -> Path:
+    """The teacher of `preset` at its random initialization, saved like a trained one: the control
+    that tells whether generative training is what the student learns from."""
+    trainer_cls = TEACHER_TRAINERS.get(kind)
+    run = RunFolder(out)
+    config = build_config(preset, overrides)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.save_config(config)
+    engine.seed_everything(seed)
+    return save_atomically(run / TEACHER, trainer_cls(config).save_teacher)
+
+
+def sample(run: str | Path, out: str | Path | None = None, num: int = 16, steps: int = 50, seed: int = 0,
+           resolution: list[int] | None = None) -> Path:
+    """A PNG grid of DDIM samples from a diffusion teacher."""
+    run = Path(run)
+    teacher = load_teacher(run, build_config(None, {"encode": {"blocks": [0], "t": 0}}), families=("diffusion",))
+    if resolution is None:
+        size = teacher.unet.config.sample_size
+        resolution = list(size) if isinstance(size, (list, tuple)) else [size or 64, size or 64]
+    images = teacher.sample(num, *resolution, steps=steps, generator=torch.Generator().manual_seed(seed))
+    out = Path(out) if out else (run if run.is_dir() else run.parent) / "samples.png"
+    save_grid(images, out)
+    return out
