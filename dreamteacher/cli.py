@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="folder of images to show (a GAN teacher renders its own)")
         p.add_argument("--out", required=True, help=out)
         p.add_argument("--num-images", type=int, default=4, help="images to show (default 4)")
+        p.add_argument("--num-samples", type=int, default=16, help="teacher samples to draw (default 16; 0: none)")
     return parser
 
 
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command in ("report", "viz"):
         out = Path(args.out) / "index.html" if args.command == "viz" else args.out
         page = write_report(args.teacher, args.data, out, student_run=args.student, num_images=args.num_images,
+                            num_samples=args.num_samples,
                             png_folder=args.command == "viz")
         print(f"{args.command}: {page}")
 

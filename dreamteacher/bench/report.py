@@ -252,3 +252,4 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> dict[str, Path]:
         plot(rows, files["png"], f"{meta['recipe']}: {meta['backbone']}, {meta['image_size'][0]}x{meta['image_size'][1]}",
              names)
     return files
+

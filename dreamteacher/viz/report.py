@@ -94,7 +94,7 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
     if isinstance(teacher, GanTeacher):
         height, width = teacher.generator.resolution
         images, rendered = teacher.render(torch.arange(num_images) + seed)
-        samples = teacher.render(torch.arange(num_samples) + seed)[0]
+        samples = teacher.render(torch.arange(num_samples) + seed)[0] if num_samples > 0 else None
         features_at = lambda t: rendered  # noqa: E731  (a rendered image has no diffusion step)
         timesteps: list[int | None] = [None]
         source, samples_text = "images rendered from seeds", "rendered from z ~ N(0, I), one seed each"
@@ -104,7 +104,8 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
             raise UserError("--data: a diffusion teacher is shown on real images; name an image folder")
         height, width = config.data.resolution
         images = _load_images(data, config.data.resolution, num_images)
-        samples = teacher.sample(num_samples, height, width, steps=50, generator=torch.Generator().manual_seed(seed))
+        samples = teacher.sample(num_samples, height, width, steps=50,
+                                 generator=torch.Generator().manual_seed(seed)) if num_samples > 0 else None
         features_at = lambda t: teacher.features(  # noqa: E731
             teacher.noise(images, t, torch.Generator().manual_seed(seed)), t)
         timesteps = [t for t in REPORT_TIMESTEPS if t < len(teacher.alphas_cumprod)]
@@ -113,7 +114,8 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
     size = (height, width)
     sections = [f"<h1>DreamTeacher report</h1><p>teacher: <code>{html.escape(str(teacher_path))}</code>; "
                 f"{source} at {height}x{width}</p>"]
-    sections.append(f"<h2>Teacher samples</h2><p>{samples_text}</p>" + figure(grid(to_uint8(samples)), 2, "samples"))
+    if num_samples > 0:
+        sections.append(f"<h2>Teacher samples</h2><p>{samples_text}</p>" + figure(grid(to_uint8(samples)), 2, "samples"))
 
     specs = teacher.feature_specs
     header = ["image", "t"] + [f"block {s.block} (stride {s.stride}, {s.channels} ch)" for s in specs]
