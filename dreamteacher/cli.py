@@ -15,7 +15,7 @@ from dreamteacher.analysis.metrics import format_iou_table
 from dreamteacher.bench.runner import bench
 from dreamteacher.bench.speed import bench_speed, format_speed
 from dreamteacher.core.config import available_presets
-from dreamteacher.core.errors import UserError
+from dreamteacher.core.errors import Diverged, UserError
 from dreamteacher.export.checkpoints import FORMATS
 from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.nn.segmenters import HEADS
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"dreamteacher {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Diverged as exc:
+        print(f"dreamteacher {args.command}: diverged: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"dreamteacher {args.command}: interrupted; the last checkpoint is kept (continue with --resume)",
               file=sys.stderr)

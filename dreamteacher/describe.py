@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.runs import SEGMENTER, SEGMENTER_INFO, SUMMARY, TEACHER, RunFolder, read_json
 from dreamteacher.data.features import META_FILE
 from dreamteacher.export.checkpoints import read_checkpoint
 from dreamteacher.methods.base import METHODS
+from dreamteacher.nn.weights import non_finite_tensors
 from dreamteacher.teachers.adm import infer_adm_config
 from dreamteacher.teachers.base import teacher_kind
 
@@ -45,6 +47,7 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
                             "step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),
                             "parts": _parts(ckpt["state_dict"]),
                             "optimizer_state": bool(ckpt.get("optimizer_states"))}
+    _flag_non_finite(info, ckpt["state_dict"])
     if method in METHODS:
         info["what"] = METHODS.get(method).summary
     if method == "finetune":
@@ -61,6 +64,14 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
 
 
 def export_info(path: Path) -> dict[str, Any]:
+    """What a weights file is (an export, a decoder, a segmenter), flagged when it holds NaN or
+    infinite values."""
+    info, tensors = _export_info(path)
+    _flag_non_finite(info, tensors())
+    return info
+
+
+def _export_info(path: Path) -> tuple[dict[str, Any], Any]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -70,24 +81,25 @@ def export_info(path: Path) -> dict[str, Any]:
                 params = sum(_numel(f.get_slice(k).get_shape()) for k in keys)
         except Exception:  # noqa: BLE001
             raise UserError(f"{path}: not a readable safetensors file") from None
+        weights = lambda: load_file(str(path))  # noqa: E731
         if path.name == SEGMENTER and (path.parent / SEGMENTER_INFO).is_file():
             return {"kind": "fine-tuned segmentation model", "path": str(path), "tensors": len(keys),
                     "parameters": params, **read_json(path.parent / SEGMENTER_INFO),
-                    "use": "dreamteacher evaluate RUN --images DIR --masks DIR"}
+                    "use": "dreamteacher evaluate RUN --images DIR --masks DIR"}, weights
         if "format" not in meta:
             return {"kind": "safetensors file without dreamteacher metadata (not an export)", "path": str(path),
-                    "tensors": len(keys), "parameters": params, "first_keys": keys[:5]}
+                    "tensors": len(keys), "parameters": params, "first_keys": keys[:5]}, weights
         if meta["format"].endswith("-decoder"):
             head = {"unet": "U-Net", "upernet": "UperNet"}.get(meta.get("head", ""), meta.get("head", "?"))
             with_head = " and head" if any(k.startswith("segmentation_head.") for k in keys) else ""
             kind = f"{head} decoder{with_head} export ({meta.get('method', '?')} pretraining)"
             return {"kind": kind, "path": str(path), "tensors": len(keys),
                     "parameters": params, **{k: v for k, v in meta.items() if k not in ("format", "load")},
-                    "use": meta.get("load", "")}
+                    "use": meta.get("load", "")}, weights
         return {"kind": f"backbone export ({meta['format']} keys)", "path": str(path), "tensors": len(keys),
                 "parameters": params, **{k: v for k, v in meta.items() if k != "format"}, "format": meta["format"],
                 "use": f"initialize: `dreamteacher finetune --backbone {path}` (cannot resume training)"
-                if meta["format"] == "timm" else meta.get("load", "")}
+                if meta["format"] == "timm" else meta.get("load", "")}, weights
     if suffix in (".pth", ".pkl"):
         if suffix == ".pth":
             try:
@@ -100,9 +112,10 @@ def export_info(path: Path) -> dict[str, Any]:
             state = payload.get("model", {}) if isinstance(payload, dict) else {}
         meta = payload.get("meta", {}) if isinstance(payload, dict) else {}
         if not meta.get("format"):
-            return {"kind": f"{suffix} file without dreamteacher metadata", "path": str(path), "tensors": len(state)}
+            return {"kind": f"{suffix} file without dreamteacher metadata", "path": str(path),
+                    "tensors": len(state)}, lambda: state
         return {"kind": f"backbone export ({meta['format']} keys)", "path": str(path), "tensors": len(state),
-                "parts": _parts(state), **meta}
+                "parts": _parts(state), **meta}, lambda: state
     raise UserError(f"{path}: not a file dreamteacher knows (.ckpt, .safetensors, .pth, .pkl or a run folder)")
 
 
@@ -127,6 +140,14 @@ def safe_unpickle(path: Path) -> Any:
             return _ArraysOnly(f).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as exc:
         raise UserError(f"{path}: not a weights pickle (numpy arrays and plain containers): {exc}") from None
+
+
+def _flag_non_finite(info: dict, tensors: dict) -> None:
+    """A warning in `info` when weights hold NaN or infinite values (a diverged run)."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        info["non_finite_tensors"] = len(bad)
+        info["warning"] = f"{len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]}): do not use these weights"
 
 
 def _numel(shape) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from dreamteacher.core.errors import UserError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, resolution: list[int] | None = None) -> list[Path]:
     """All image files under `folder` (recursive, sorted), each checked to open; clear error otherwise.
+    With `resolution` ([height, width] the images will be resized to), one warning says how many are
+    smaller (they are upscaled, which a user may not expect) and the smallest of them.
 
     Only headers are read here, so this is fast even for large folders; files whose pixels turn out
     to be corrupt fail later with their name (see `load_rgb`).
@@ -25,6 +28,7 @@ def list_images(folder: str | Path) -> list[Path]:
         raise UserError(f"image folder not found: {folder}")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = []
+    small: list[tuple[int, int, Path]] = []
     for path in paths:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(f"not an image file (expected one of {sorted(IMAGE_SUFFIXES)}): {path}")
@@ -32,12 +36,20 @@ def list_images(folder: str | Path) -> list[Path]:
             raise UserError(f"empty (zero-byte) image file: {path}")
         try:
             with Image.open(path) as img:
+                width, height = img.size
                 img.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise UserError(f"unreadable image file: {path} ({exc.__class__.__name__})") from None
+        if resolution is not None and (height < resolution[0] or width < resolution[1]):
+            small.append((width * height, f"{width}x{height}", path))
         images.append(path)
     if not images:
         raise UserError(f"no images found in {folder}")
+    if small:
+        _, size, path = min(small)
+        warnings.warn(f"{len(small)} of {len(images)} images in {folder} are smaller than the training resolution "
+                      f"{resolution[1]}x{resolution[0]} (the smallest: {path.name}, {size}); they are upscaled",
+                      stacklevel=3)
     return images
 
 
@@ -95,7 +107,7 @@ class ImageFolder(Dataset):
 
     def __init__(self, folder: str | Path, resolution: list[int], hflip: bool = True,
                  cache_in_memory: bool | None = None, crop: list[int] | None = None):
-        self.paths = list_images(folder)
+        self.paths = list_images(folder, resolution)
         self.height, self.width = resolution
         self.hflip = hflip
         self.crop = crop

@@ -80,7 +80,7 @@ class SegmentationData(Dataset):
                     raise UserError(f"split file {split} names a missing image: {images_dir / name}")
             self.image_paths = [images_dir / n for n in names]
         else:
-            self.image_paths = list_images(images_dir)
+            self.image_paths = list_images(images_dir, resolution)
         self.names = [str(p.relative_to(images_dir)) for p in self.image_paths]
         self.mask_paths = [find_mask(masks_dir, n) for n in self.names]
         self.height, self.width = resolution

@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dreamteacher.core.config import TrainerConfig
-from dreamteacher.core.errors import UserError
+from dreamteacher.core.errors import Diverged, UserError
 from dreamteacher.core.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, RunFolder, atomic_write
 from dreamteacher.data.sampling import EpochKeySampler, SeededSamples
+from dreamteacher.nn.weights import non_finite_tensors
 
 # Lightning's advice about worker counts and logging intervals is noise on small CPU runs; its CSV
 # logger's "previous log files will be deleted" is wrong here (keep_previous_logs keeps them).
@@ -130,10 +131,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written through a temporary file in the checkpoint's own folder, fsynced and renamed
     over it (`core.runs.atomic_write`): never a half-written `last.ckpt`, and a temporary file killed
     mid-write stays in the run folder, where the next start of the run removes it (Lightning's own
-    writer goes through the system temporary folder, which on another file system is a copy)."""
+    writer goes through the system temporary folder, which on another file system is a copy).
+    Weights with a NaN or an infinity are never written: the last good checkpoint stays."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise Diverged(f"step {checkpoint.get('global_step', '?')}: {len(bad)} weight tensors are non-finite "
+                           f"(e.g. {bad[0]}); {Path(path).name} keeps its last good state")
         atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class FiniteGuard(Callback):
+    """Stops a run at its first non-finite loss, naming the step and the loss terms that were
+    non-finite, before a checkpoint or an export can take the damage. On the CPU every step is
+    checked; on a GPU the first bad step is recorded on the device (no host sync per step) and read
+    every `interval` steps and at the end."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self._first_bad: torch.Tensor | None = None
+        self._terms: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def losses(outputs) -> dict[str, torch.Tensor]:
+        if isinstance(outputs, dict):
+            return {k: v for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        return {"loss": outputs} if isinstance(outputs, torch.Tensor) else {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        terms = self.losses(outputs)
+        if "loss" not in terms:
+            return
+        bad = ~torch.isfinite(terms["loss"].detach().float())
+        if terms["loss"].device.type == "cpu":
+            if bool(bad):
+                self.stop(trainer.global_step, terms)
+            return
+        step = torch.full((), trainer.global_step, device=bad.device)
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, device=bad.device, dtype=torch.long)
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+        if trainer.global_step % self.interval == 0:
+            self.check(trainer, terms)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer, {})
+
+    def check(self, trainer, terms: dict) -> None:
+        if self._first_bad is not None and int(self._first_bad) >= 0:
+            self.stop(int(self._first_bad), terms)
+
+    @staticmethod
+    def stop(step: int, terms: dict[str, torch.Tensor]) -> None:
+        bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach().float()))]
+        raise Diverged(f"step {step}: the loss is non-finite ({', '.join(bad) or 'loss'}); training stopped, "
+                       "the last good checkpoint and exports are kept (lower the learning rate, or look for a "
+                       "bad image or setting)")
 
 
 def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch: int,
@@ -146,7 +200,8 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
     ckpt_cb.CHECKPOINT_NAME_LAST = Path(LAST_CHECKPOINT).stem
     loggers = [CSVLogger(run_dir, name="", version="logs"),
                TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False)]
-    callbacks = [ckpt_cb, StepProgress(global_batch, show=progress), ResumeMidEpoch(), *callbacks]
+    callbacks = [FiniteGuard(t.log_every_n_steps), ckpt_cb, StepProgress(global_batch, show=progress), ResumeMidEpoch(),
+                 *callbacks]
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, sync_batchnorm=t.sync_batchnorm,
@@ -211,14 +266,22 @@ def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: D
         resume_from: Path | None) -> RunResult:
     """The lifecycle every training command shares once its run is set up: fit (from `resume_from`
     when given), write the final checkpoint, and return steps, wall-clock over all parts and the last
-    logged loss. Exports and the summary are the caller's (they differ by command)."""
-    with warnings.catch_warnings():
-        # ResumeMidEpoch continues an interrupted epoch where it stopped; a GAN's checkpoints hold the
-        # state after both of its optimizers' steps, as intended
-        warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
-        warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization.*")
-        trainer.fit(module, loader, ckpt_path=resume_from)
-    trainer.save_checkpoint(run.checkpoint, weights_only=False)
+    logged loss. Exports and the summary are the caller's (they differ by command). A diverged run
+    (`Diverged`) leaves `run.json` saying so, its last good checkpoint untouched, and no export."""
+    try:
+        with warnings.catch_warnings():
+            # ResumeMidEpoch continues an interrupted epoch where it stopped; a GAN's checkpoints hold the
+            # state after both of its optimizers' steps, as intended
+            warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+            warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization.*")
+            trainer.fit(module, loader, ckpt_path=resume_from)
+        trainer.save_checkpoint(run.checkpoint, weights_only=False)
+    except Diverged as exc:
+        if trainer.is_global_zero:
+            run.write_summary({"status": "diverged", "message": str(exc), "steps": trainer.global_step,
+                               "checkpoint": str(run.checkpoint) if run.checkpoint.is_file() else None})
+        raise
     loss = trainer.callback_metrics.get("train/loss")
-    return RunResult(run.path, run.checkpoint, trainer.global_step, training_seconds(trainer),
-                     float(loss) if loss is not None else None)
+    # a resumed run that had nothing left to train logged nothing: its final loss is the one it finished with
+    final_loss = float(loss) if loss is not None else (run.summary() or {}).get("final_loss")
+    return RunResult(run.path, run.checkpoint, trainer.global_step, training_seconds(trainer), final_loss)

@@ -28,6 +28,7 @@ import torch
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.runs import atomic_write, save_safetensors_atomic, write_json_atomic
 from dreamteacher.methods.base import METHODS
+from dreamteacher.nn.weights import non_finite_tensors
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -60,6 +61,10 @@ def timm_backbone_weights(checkpoint: str | Path) -> tuple[str, dict, dict[str, 
     weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if prefix and k.startswith(prefix)}
     if not weights:
         raise UserError(f"{checkpoint}: holds no student backbone (method '{hparams.get('method')}')")
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise UserError(f"{checkpoint}: {len(bad)} backbone tensors hold NaN or infinite values (e.g. {bad[0]}): the "
+                        "run diverged; nothing exported")
     # timm's feature wrapper drops the classifier head (and e.g. ConvNeXt's head norm); fill those
     # with the model's own init so the file has exactly timm's key set for num_classes=0.
     missing, unexpected = model.load_state_dict(weights, strict=False)

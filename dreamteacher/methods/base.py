@@ -150,12 +150,13 @@ class PretrainMethod(L.LightningModule):
                                                        device, dataloader_idx), "noise_seed": batch["noise_seed"]}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(batch)
         for name, value in losses.items():  # averaged over processes: the loss of the global batch
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return losses["loss"]
+        # the parts ride along (detached) so that a non-finite loss is reported with the terms that were
+        return {**{name: value.detach() for name, value in losses.items()}, "loss": losses["loss"]}
 
     def trainable_module(self) -> torch.nn.Module:
         return self

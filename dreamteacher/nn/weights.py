@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from safetensors import safe_open
@@ -63,3 +64,15 @@ def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source
     if missing or unexpected:
         raise UserError(f"{source}: backbone weights do not fit the model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def non_finite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors (torch or numpy) of `tensors` that hold a NaN or an infinity."""
+    bad = []
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and not bool(np.isfinite(value).all()):
+            bad.append(name)
+    return bad
