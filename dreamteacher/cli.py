@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-cache", action="store_true", help="replace a --cache built from other inputs")
     p.add_argument("--encoder", help="ddep: the frozen encoder, an exported backbone .safetensors")
     p.add_argument("--interpreter", help="dt-mix: a `dreamteacher interpreter` run (its teacher is the default)")
+    p.add_argument("--init", help="weights the student starts from (timm-keyed .safetensors, a .pth state dict, or "
+                   "an export), e.g. ImageNet weights; checked strictly against the backbone")
+    p.add_argument("--probe-images", help="labeled images for the live dense probe (same as --set probe.images=DIR)")
+    p.add_argument("--probe-masks", help="their label maps (--set probe.masks=DIR; with --set probe.num_classes=N)")
+    p.add_argument("--probe-split", help="the probe readout's training images (--set probe.split=FILE)")
     _add_config_args(p)
 
     p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
@@ -155,13 +160,20 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "sample":
         print(f"samples: {api.sample(args.run, args.out, args.num, args.steps, args.seed)}")
     elif args.command == "pretrain":
+        flags = {"probe.images": args.probe_images, "probe.masks": args.probe_masks, "probe.split": args.probe_split}
+        overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
         result = api.pretrain(args.data, args.out, args.teacher, args.method, args.model, args.preset,
-                              args.overrides, args.resume, progress, args.cache, args.rebuild_cache,
-                              encoder=args.encoder, interpreter=args.interpreter)
+                              overrides, args.resume, progress, args.cache, args.rebuild_cache,
+                              encoder=args.encoder, interpreter=args.interpreter, init=args.init)
         if "backbone" in result.files:  # written by the first process only
             print(f"backbone: {result.files['backbone']} ({result.steps} steps, {result.seconds:.0f} s)")
         if "decoder" in result.files:
             print(f"decoder: {result.files['decoder']}")
+        probed = (api.read_summary(result.run_dir) or {}).get("probe")
+        if probed:
+            key = "miou" if probed["first"].get("miou") is not None else "effective_rank"
+            print(f"probe {key}: {probed['first'][key]} at the start -> {probed['last'][key]} at epoch "
+                  f"{probed['last']['epoch']} (best at epoch {probed['best_epoch']}; {result.run_dir}/logs/probe.jsonl)")
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out, args.format)}")
     elif args.command == "finetune":

@@ -138,9 +138,18 @@ class Bench:
         return deep_merge(*(layer or {} for layer in layers), DEVICE_SETTINGS[self.device])
 
     def pretrain_config(self, overrides_name: str | None = None) -> tuple[str | None, dict]:
-        """The pretraining preset and overrides, `method_overrides[overrides_name]` on top when given."""
+        """The pretraining preset and overrides, `method_overrides[overrides_name]` on top when given,
+        and the recipe's live probe (its folders relative to the data root; it changes no result)."""
         layer = (self.spec.get("method_overrides") or {}).get(overrides_name) if overrides_name else None
-        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"), layer)
+        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"), layer,
+                                                                self.probe_settings())
+
+    def probe_settings(self) -> dict:
+        probe = dict(self.spec.get("probe") or {})
+        for key in ("images", "masks", "split", "eval_images", "eval_masks"):
+            if probe.get(key):
+                probe[key] = str(self.data_root / probe[key])
+        return {"probe": probe} if probe else {}
 
     def stage_spec(self, name: str) -> dict:
         """How stage `name` is made: the recipe's `stages[name]`, or a registered method of that name

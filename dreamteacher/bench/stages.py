@@ -22,8 +22,11 @@ from dreamteacher.core.runs import RunFolder, read_json, write_json_atomic
 STAGE_FILE = "stage.json"
 STARTED_FILE = "stage-inputs.json"
 
-# Settings that change how fast a stage runs, not what it computes: left out of stage keys.
-EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark", "reuse_host_memory")}
+# Settings that change how fast a stage runs or what it reports, not what it computes: left out of
+# stage keys (the live probe measures a copy of the backbone under its own random state).
+EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark", "reuse_host_memory",
+                              "loggers", "mlflow_uri", "experiment"),
+                  "probe": None}
 
 __all__ = ["EXECUTION_ONLY", "Stage", "digest", "folder_fingerprint", "key_settings"]
 

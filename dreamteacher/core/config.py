@@ -136,6 +136,9 @@ class OptimConfig(Section):
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "bf16", "16", "64")
 
 
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
+
+
 def check_precision(name: str, value: str) -> None:
     if value not in PRECISIONS:
         raise UserError(f"{name} must be one of {', '.join(PRECISIONS)}, got '{value}'")
@@ -156,9 +159,18 @@ class TrainerConfig(Section):
     seed: int = bounded(0, low=0)
     log_every_n_steps: int = bounded(10, low=1)
     checkpoint_every_n_steps: int = bounded(500, low=1)
+    # where metrics go, through Lightning's loggers: csv (RUN/logs/metrics.csv), tensorboard (RUN/logs),
+    # mlflow (a local file store in RUN/mlruns, or `mlflow_uri`; pip install 'dreamteacher[mlflow]'),
+    # wandb (offline without WANDB_API_KEY; pip install wandb)
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    mlflow_uri: str = ""  # an MLflow tracking URI (http://..., file:..., databricks); "" = RUN/mlruns
+    experiment: str = "dreamteacher"  # the MLflow experiment / W&B project name
 
     def check(self, config: Any) -> None:
         check_precision("trainer.precision", self.precision)
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise UserError(f"trainer.loggers: unknown {unknown}; choose from {', '.join(LOGGERS)}")
 
 
 class Sections:

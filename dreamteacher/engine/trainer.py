@@ -190,6 +190,58 @@ class FiniteGuard(Callback):
                        "bad image or setting)")
 
 
+def check_mlflow(uri: str) -> None:
+    """An MLflow tracking server that answers, before any training (a local file store always does)."""
+    if not uri or uri.startswith("file:") or "://" not in uri:
+        return
+    import mlflow  # noqa: PLC0415 - an optional dependency, imported only when asked for
+
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, HTTP and auth errors alike
+        raise UserError(f"trainer.mlflow_uri {uri}: the MLflow server does not answer "
+                        f"({exc.__class__.__name__}); start it or leave mlflow_uri empty for a local store") from None
+
+
+def build_loggers(t: TrainerConfig, run_dir: Path) -> list:
+    """Lightning's own loggers, as `trainer.loggers` names them; an optional one that is not
+    installed, or an MLflow server that does not answer, is refused before training."""
+    loggers = []
+    for name in t.loggers:
+        if name == "csv":
+            loggers.append(CSVLogger(run_dir, name="", version="logs"))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False))
+        else:
+            try:
+                __import__(name)
+            except ImportError:
+                raise UserError(f"trainer.loggers: {name} is not installed (pip install 'dreamteacher[{name}]')") from None
+            if name == "mlflow":
+                from lightning.pytorch.loggers import MLFlowLogger  # noqa: PLC0415 - needs mlflow
+
+                check_mlflow(t.mlflow_uri)
+                uri = t.mlflow_uri or (Path(run_dir).resolve() / "mlruns").as_uri()
+                if uri.startswith("file:"):  # a local store needs no server (MLflow 3 asks for this opt-in)
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                loggers.append(MLFlowLogger(experiment_name=t.experiment, tracking_uri=uri,
+                                            run_name=Path(run_dir).name))
+            else:
+                from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415 - needs wandb
+
+                loggers.append(WandbLogger(project=t.experiment, name=Path(run_dir).name, save_dir=str(run_dir),
+                                           offline=not os.environ.get("WANDB_API_KEY")))
+    return loggers
+
+
+def log_artifacts(trainer: L.Trainer, paths: list[Path]) -> None:
+    """Files of a finished run (its exports, run.json) sent to the loggers that keep artifacts."""
+    for logger in trainer.loggers:
+        if logger.__class__.__name__ == "MLFlowLogger":
+            for path in paths:
+                logger.experiment.log_artifact(logger.run_id, str(path))
+
+
 def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch: int,
                   progress: bool = True, callbacks: list[Callback] = ()) -> L.Trainer:
     if t.reuse_host_memory:
@@ -198,8 +250,7 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
     ckpt_cb = ModelCheckpoint(dirpath=Path(run_dir) / CHECKPOINT_DIR, save_last=True, save_top_k=0,
                               every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=False)
     ckpt_cb.CHECKPOINT_NAME_LAST = Path(LAST_CHECKPOINT).stem
-    loggers = [CSVLogger(run_dir, name="", version="logs"),
-               TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False)]
+    loggers = build_loggers(t, Path(run_dir))
     callbacks = [FiniteGuard(t.log_every_n_steps), ckpt_cb, StepProgress(global_batch, show=progress), ResumeMidEpoch(),
                  *callbacks]
     return L.Trainer(

@@ -59,7 +59,12 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
 
 def load_timm_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Strict load, except the classifier-head keys an export carries and a feature model has pruned."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes: another architecture
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UserError(f"{source}: backbone weights do not fit the model ({lines[1] if len(lines) > 1 else lines[0]})"
+                        ) from None
     unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "classifier."))]
     if missing or unexpected:
         raise UserError(f"{source}: backbone weights do not fit the model "

@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from safetensors.torch import load_file
 
 from dreamteacher.core.config import Config, build_config, merge_overrides
 from dreamteacher.core.errors import UserError
@@ -20,10 +22,12 @@ from dreamteacher.data.features import CachedFeatures, read_meta
 from dreamteacher.data.images import ImageFolder
 from dreamteacher.data.sampling import SeededSamples, steps_per_epoch
 from dreamteacher.engine import trainer as engine
+from dreamteacher.engine.probe import DenseProbe, load_probe_data, probe_summary, read_probe_log
 from dreamteacher.engine.trainer import RunResult
 from dreamteacher.export.checkpoints import export_backbone, export_decoder
 from dreamteacher.methods.base import METHODS, PretrainInputs, PretrainMethod, refuse_unaccepted
 from dreamteacher.nn.backbone import check_backbone_name
+from dreamteacher.nn.weights import load_timm_weights, non_finite_tensors
 from dreamteacher.teachers.base import load_teacher
 from dreamteacher.teachers.encoding import open_cache, wait_for_cache
 from dreamteacher.workflows.teacher import resolve_config, summary
@@ -47,7 +51,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
                         overrides: list[str] | dict | None = None, resume: bool = False, progress: bool = True,
                         cache: str | Path | None = None, rebuild_cache: bool = False,
                         callbacks: list = (), encoder: str | Path | None = None,
-                        interpreter: str | Path | None = None) -> PretrainingJob:
+                        interpreter: str | Path | None = None, init: str | Path | None = None) -> PretrainingJob:
     """Checks everything and builds the job; refused inputs cost nothing (no folder, no cache)."""
     method_cls = METHODS.get(method)
     run = RunFolder(out)
@@ -69,6 +73,14 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         inputs.teacher_model.check_resolution(*config.data.resolution)
         inputs.feature_specs = list(getattr(inputs.teacher_model, "feature_specs", []))  # a feature teacher's
     method_cls.check_config(config, inputs)
+    init_weights = read_init(init, config.student.backbone) if init is not None and not resume else None
+    probe_data = load_probe_data(config.probe, config.data.resolution) if config.probe.images else None
+    reference = None  # the teacher's features of the probe's pictures, drawn once
+    if probe_data is not None and len(probe_data.pictures) and hasattr(inputs.teacher_model, "encode"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            reference_feats = [f.cpu() for f in inputs.teacher_model.encode(probe_data.pictures)]
+        reference = lambda images: reference_feats  # noqa: E731
     ckpt = run.start(resume)  # before a cache build: a refused run costs nothing
     dataset = images
     if inputs.cache is not None:
@@ -84,10 +96,15 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     opt = config.optim
     per_epoch = steps_per_epoch(len(dataset), opt.batch_size)
     total = opt.max_steps if opt.max_steps > 0 else opt.epochs * per_epoch
+    if probe_data is not None:
+        callbacks = [*callbacks, DenseProbe(config.probe, probe_data, config.student.backbone, run.path, per_epoch,
+                                            reference)]
     trainer = engine.build_trainer(config.trainer, run.path, total, opt.batch_size, progress, callbacks)
     loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size",
                                 seed=config.trainer.seed)
     module = method_cls.build(config, inputs)
+    if init_weights is not None:  # the user's weights (ImageNet's, an earlier export) as the starting point
+        load_timm_weights(module.backbone_model(), init_weights, str(init))
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / opt.epochs)
     return PretrainingJob(run.path, config, module, loader, trainer, ckpt, per_epoch, inputs.teacher_model)
@@ -97,7 +114,7 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
              model: str | None = None, preset: str | None = None, overrides: list[str] | dict | None = None,
              resume: bool = False, progress: bool = True, cache: str | Path | None = None,
              rebuild_cache: bool = False, encoder: str | Path | None = None,
-             interpreter: str | Path | None = None, **sections: dict) -> RunResult:
+             interpreter: str | Path | None = None, init: str | Path | None = None, **sections: dict) -> RunResult:
     """Pretrain a timm backbone `model` on unlabeled images with `method` (`dreamteacher pretrain
     --help` lists them); writes checkpoints, logs, the resolved config, `out/run.json` and
     `out/backbone.safetensors` (timm keys), and `out/decoder.safetensors` where the method pretrains
@@ -113,11 +130,17 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
       checkpoint layout), a teacher for `method="pcd"`: pixel-wise contrastive distillation from
       `teacher` (a MoCo v3 checkpoint or mocov3 run).
 
+    `init`: weights the student starts from instead of random init (timm-keyed safetensors, a `.pth`
+    state dict, or one of our exports), checked strictly against the backbone. With `probe` settings
+    (`probe={"images": ..., "masks": ..., "num_classes": ...}`) the backbone is measured every few
+    epochs while it trains (engine/probe.py); `run.json` then holds the first, last and best values.
+
     Settings: `preset`, `overrides` (["optim.epochs=10"] or a nested dict), then section keywords such
     as `optim={"epochs": 100}`, `encode={"t": 150}` or `denoise={"sigma": 0.5}`.
     """
     job = prepare_pretraining(data, out, teacher, method, model, preset, merge_overrides(overrides, sections),
-                              resume, progress, cache, rebuild_cache, encoder=encoder, interpreter=interpreter)
+                              resume, progress, cache, rebuild_cache, encoder=encoder, interpreter=interpreter,
+                              init=init)
     run = RunFolder(job.run_dir)
     result = engine.fit(run, job.trainer, job.module, job.loader, job.resume_from)
     if job.trainer.is_global_zero:
@@ -125,8 +148,40 @@ def pretrain(data: str | Path, out: str | Path, teacher: str | Path | None = Non
         if job.module.decoder_head:  # a decoder the downstream model can start from too
             result.files["decoder"] = export_decoder(result.checkpoint, run / DECODER)
         result.files.update(job.module.extra_exports(run.path))
-        run.write_summary(summary(result, method, epochs=result.steps / job.steps_per_epoch))
+        probed = probe_summary(read_probe_log(run.path))
+        run.write_summary(summary(result, method, epochs=result.steps / job.steps_per_epoch,
+                                  **({"probe": probed} if probed else {})))
+        engine.log_artifacts(job.trainer, [*result.files.values(), run / SUMMARY])
     return result
+
+
+def read_init(path: str | Path, backbone: str) -> dict[str, torch.Tensor]:
+    """Starting weights for the student: one of our exports, timm-keyed safetensors, or a `.pth` /
+    `.pt` state dict (plain, or under `state_dict` / `model`, DataParallel's `module.` stripped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--init {path}: file not found")
+    if path.suffix == ".safetensors":
+        try:
+            weights = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - truncated or foreign files
+            raise UserError(f"--init {path}: not a readable safetensors file ({exc.__class__.__name__})") from None
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"--init {path}: not a readable PyTorch state dict ({exc.__class__.__name__})") from None
+        if isinstance(loaded, dict):
+            loaded = loaded.get("state_dict", loaded.get("model", loaded))
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise UserError(f"--init {path}: not a state dict of tensors")
+        weights = {k.removeprefix("module."): v for k, v in loaded.items()}
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise UserError(f"--init {path}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]})")
+    check = timm.create_model(backbone, pretrained=False, num_classes=0)
+    load_timm_weights(check, weights, f"--init {path} (for {backbone})")
+    return weights
 
 
 def encoding_device(config: Config) -> torch.device:
