@@ -60,7 +60,8 @@ shared = Path(args.bench) / "runs"
 names = [] if teachers else ["teacher", "teacher-untrained"]  # a teacher setting changes both keys
 for folder in sorted(shared.glob("cache-*")) + [shared / n for n in names]:
     link = runs / folder.name
-    if folder.is_dir() and not link.exists():  # a stage whose key differs is recomputed beside it
+    finished = (folder / "stage.json").is_file()
+    if finished and not link.exists():  # a stage whose key differs is recomputed in place of the link
         link.symlink_to(folder.resolve(), target_is_directory=True)
 
 result = bench(recipe_file, out, data_root=args.data_root, fractions=args.fractions.split(","), progress=False)

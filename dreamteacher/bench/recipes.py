@@ -125,7 +125,8 @@ class Bench:
 
     @property
     def runs(self) -> Path:
-        return self.out / "runs"
+        """The work folders (absolute: their paths are stored in stage summaries and read from anywhere)."""
+        return self.out.resolve() / "runs"
 
     def path(self, key: str) -> Path:
         path = self.data_root / self.spec["data"][key]

@@ -80,7 +80,9 @@ class Stage:
         started = read_json(self.folder / STARTED_FILE) or {}
         # a half-finished stage of the same inputs resumes; anything else it left is stale
         resume = started.get("key") == self.key and RunFolder(self.folder).checkpoint.is_file()
-        if self.folder.exists() and not resume:
+        if self.folder.is_symlink() and not resume:  # a stage linked from elsewhere: never delete its target
+            self.folder.unlink()
+        elif self.folder.exists() and not resume:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.folder / STARTED_FILE, {"key": self.key})
