@@ -51,6 +51,16 @@ def test_soft_label_loss_matches_a_per_pixel_reference():
     assert soft_label_loss(student, teacher, tau).item() == pytest.approx(total / 30, rel=1e-5)
     # the minimum over students is the teacher's own distribution (its entropy)
     assert soft_label_loss(teacher, teacher, tau) < soft_label_loss(student, teacher, tau)
+    # the relative form (KL): the same less the soft labels' entropy, 0 at the teacher's distribution
+    entropy = 0.0
+    for b in range(2):
+        for y in range(3):
+            for x in range(5):
+                p = [math.exp(v / tau) for v in teacher[b, :, y, x].tolist()]
+                entropy -= sum(pk / sum(p) * math.log(pk / sum(p)) for pk in p)
+    assert soft_label_loss(student, teacher, tau, relative=True).item() == \
+        pytest.approx((total - entropy) / 30, rel=1e-4)
+    assert soft_label_loss(teacher, teacher, tau, relative=True).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, tiny_teacher_dir):
@@ -109,7 +119,7 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     assert run.steps == 4 and math.isfinite(run.final_loss)
     ckpt = read_checkpoint(run.checkpoint)
     assert ckpt["hyper_parameters"]["method"] == "dt-mix" and ckpt["hyper_parameters"]["num_classes"] == NUM_CLASSES
-    assert ckpt["state_dict"]["label_head.weight"].shape[0] == NUM_CLASSES
+    assert ckpt["state_dict"]["model.net.segmentation_head.0.weight"].shape[0] == NUM_CLASSES
     assert not any(k.startswith(("interpreter.", "teacher.")) for k in ckpt["state_dict"])  # frozen, left out
     import csv
 
@@ -117,29 +127,33 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     assert logged and all(float(row["train/ld"]) > 0 for row in logged)
     assert (run.run_dir / "backbone.safetensors").is_file()
 
-    # G.4: the downstream UperNet starts from the regressor and logit head where it has their layers
+    # G.4: the downstream UperNet starts from the student's decoder and head, every layer of them
+    import segmentation_models_pytorch as smp
+
     import dreamteacher.workflows.finetune as ft
     from dreamteacher.nn.weights import read_decoder_export
 
     decoder, meta = read_decoder_export(run.files["decoder"])
     state = ckpt["state_dict"]
     assert meta["head"] == "upernet" and meta["num_classes"] == str(NUM_CLASSES)
-    assert torch.equal(decoder["decoder.psp.out_conv.0.weight"], state["regressor.ppm.fuse.0.weight"])
-    # smp counts FPN levels from the coarse end: regressor level 1 (stride 8) is smp's block 1 of 0..2
-    assert torch.equal(decoder["decoder.fpn_lateral_blocks.1.conv_norm_relu.0.weight"],
-                       state["regressor.laterals.1.0.weight"])
-    assert torch.equal(decoder["decoder.fpn_conv_blocks.0.0.weight"], state["regressor.outputs.2.0.weight"])
-    assert torch.equal(decoder["segmentation_head.0.weight"], state["label_head.weight"])
+    assert all(torch.equal(v, state[f"model.net.{k}"]) for k, v in decoder.items())
+    downstream = smp.UPerNet("tu-test_resnet", encoder_weights=None, classes=NUM_CLASSES, decoder_channels=32)
+    downstream.decoder.load_state_dict({k[len("decoder."):]: v for k, v in decoder.items() if k.startswith("decoder.")},
+                                       strict=True)
+    downstream.segmentation_head.load_state_dict(
+        {k[len("segmentation_head."):]: v for k, v in decoder.items() if k.startswith("segmentation_head.")}, strict=True)
     seg = dict(data={"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
                model={"head": "upernet", "decoder_channels": 32}, optim={"iterations": 1, "batch_size": 2},
                trainer={"accelerator": "cpu"})
     tuned = ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg", decoder=run.files["decoder"],
                         progress=False, **seg)
-    assert tuned.init["decoder_init"] == "pretrained"
-    assert api.info(run.files["decoder"])["kind"].startswith("UperNet decoder and head export")
+    assert tuned.init["decoder_init"] == "pretrained" and tuned.init["decoder_random_layers"] == []
+    described = api.info(run.files["decoder"])
+    assert described["kind"].startswith("UperNet decoder and head export")
+    assert "every layer of the UPerNet decoder" in described["holds"] and "UPerNet(encoder_name='tu-test_resnet'" \
+        in described["fits"]
     assert api.info(tmp_path / "interp")["method"] == "interpreter"
-    assert {"decoder.fusion_block.0", "decoder.feature_norms.0"} <= set(tuned.init["decoder_random_layers"])
-    with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):
+    with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):  # the decoder kept, the head not
         ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg5", decoder=run.files["decoder"],
                     progress=False, **{**seg, "data": {**seg["data"], "num_classes": 5}})
 
@@ -163,3 +177,19 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     with pytest.raises(UserError, match="was trained on the teacher"):
         api.pretrain(unlabeled, tmp_path / "z", tmp_path / "other", method="dt-mix", interpreter=tmp_path / "interp",
                      overrides=TINY, progress=False)
+
+
+def test_the_dt_mix_students_pyramid_is_smps_own_upernet_forward():
+    import segmentation_models_pytorch as smp
+
+    from dreamteacher.methods.dt_mix import upernet_pyramid
+
+    torch.manual_seed(0)
+    model = smp.UPerNet("tu-test_resnet", encoder_weights=None, classes=3, decoder_channels=16).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.encoder(images)
+        fused, pyramid = upernet_pyramid(model.decoder, list(features))
+        assert torch.allclose(fused, model.decoder(list(features)), atol=1e-6)
+        assert torch.allclose(model.segmentation_head(fused), model(images), atol=1e-6)
+    assert [f.shape[-1] for f in pyramid] == [16, 8, 4, 2]  # strides 4, 8, 16, 32

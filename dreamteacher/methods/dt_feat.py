@@ -147,20 +147,23 @@ class DTFeat(PretrainMethod):
         super().__init__(config, extra={"teacher": teacher_path, "teacher_features": [vars(s) for s in feature_specs],
                                         **(extra or {})})
         object.__setattr__(self, "teacher", teacher)  # deliberately unregistered, see class docstring
-        self.backbone = Backbone(config.student.backbone)
         self.levels = pair_levels(feature_specs)
-        out_channels: list[int | None] = [None] * 4
+        out_channels: list[int | None] = [None] * 4  # the teacher's channels at each student level
         for spec, level in zip(feature_specs, self.levels):
             out_channels[level] = spec.channels
+        self.build_student(config, out_channels)
+        if config.trainer.compile and teacher is not None:
+            teacher.compile_blocks()
+        self.memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
+
+    def build_student(self, config: Config, out_channels: list[int | None]) -> None:
+        """The student: a timm backbone and the FPN+PPM feature regressor of appendix D.1."""
+        self.backbone = Backbone(config.student.backbone)
         self.regressor = FeatureRegressor(self.backbone.channels, out_channels, config.student.regressor_channels,
                                           config.student.ppm_scales)
-
         if config.trainer.compile:  # in place: parameter names (checkpoints, exports) stay the same
             self.backbone.compile()
             self.regressor.compile()
-            if teacher is not None:
-                teacher.compile_blocks()
-        self.memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
 
     def on_fit_start(self) -> None:
         self.place(self.device)

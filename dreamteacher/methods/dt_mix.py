@@ -1,10 +1,15 @@
 """DreamTeacher mix distillation (section 3.2, Eq. 5-6): feature distillation plus label distillation
-from a feature interpreter trained on a few labels. L_mix = L_feat + lambda_ld * H(P_tau^g, P_tau^r).
+from a feature interpreter trained on a few labels. L_mix = L_feat + lambda_ld * KL(P_tau^g || P_tau^r)
+(Eq. 5's cross-entropy less the soft labels' own entropy: the same gradient, and a value that falls
+to 0 as the student matches them instead of stopping at their entropy).
 
-The student gets a 1x1 logit head on its regressor's finest fused map (stride 4); the interpreter's
-logits on the same teacher features are its soft labels, for every pretraining image, labeled or not.
-Its decoder export is the regressor and logit head under the names of smp's UPerNet decoder and head
-(G.4: "we initialize the backbone as well as the UperNet with our pre-trained weights").
+The student is the downstream segmenter itself (G.4: "we initialize the backbone as well as the
+UperNet with our pre-trained weights"): segmentation_models_pytorch's UPerNet on the timm backbone,
+its PPM, FPN and fusion exactly as fine-tuning builds them. The feature loss regresses the teacher's
+levels from the decoder's pyramid (the PPM output at stride 32, the FPN outputs at 16, 8, 4) through
+1x1 projections that are not exported; label distillation supervises the segmentation head's logits.
+So `decoder.safetensors` is the whole decoder and head under smp's own names, and fine-tuning starts
+with no layer at random.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,6 +29,7 @@ from dreamteacher.losses import soft_label_loss
 from dreamteacher.methods.base import PretrainInputs, register_method
 from dreamteacher.methods.dt_feat import DTFeat, resize_to
 from dreamteacher.nn.interpreter import FeatureInterpreter
+from dreamteacher.nn.segmenters import Segmenter
 from dreamteacher.teachers.diffusion import DiffusionTeacher
 from dreamteacher.teachers.encoding import teacher_fingerprint
 
@@ -42,23 +49,19 @@ def interpreter_info(interpreter: str | Path) -> dict:
     return info
 
 
-def upernet_decoder_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A dt-mix student's regressor and logit head under the keys of segmentation_models_pytorch's
-    `UPerNet` (`decoder.*`, `segmentation_head.*`), the mapping being exact where the two share a layer:
-    PPM branches and fuse = `psp.blocks.i.1` / `psp.out_conv` (same concatenation order), FPN laterals
-    and output convs of levels 2, 1, 0 = `fpn_lateral_blocks.0..2` / `fpn_conv_blocks.0..2`, logit head
-    = `segmentation_head.0`. smp's `feature_norms` and `fusion_block` have no counterpart: random."""
-    renames = [("regressor.ppm.fuse.", "decoder.psp.out_conv."), ("label_head.", "segmentation_head.0.")]
-    renames += [(f"regressor.ppm.branches.{i}.", f"decoder.psp.blocks.{i}.1.") for i in range(4)]
-    renames += [(f"regressor.laterals.{level}.", f"decoder.fpn_lateral_blocks.{2 - level}.conv_norm_relu.")
-                for level in range(3)]
-    renames += [(f"regressor.outputs.{level}.", f"decoder.fpn_conv_blocks.{2 - level}.") for level in range(3)]
-    mapped = {}
-    for key, value in state_dict.items():
-        for old, new in renames:
-            if key.startswith(old):
-                mapped[new + key[len(old):]] = value
-    return mapped
+def upernet_pyramid(decoder: nn.Module, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """smp's `UPerNetDecoder.forward` with its pyramid kept: (the fused map at stride 4, [FPN outputs at
+    strides 4, 8, 16, the PPM output at stride 32]). The same layers in the same order as smp's (a
+    test holds the fused map equal to smp's own forward)."""
+    features = [norm(f) for norm, f in zip(decoder.feature_norms, features[2:])]
+    pyramid = [decoder.psp(features[-1])]
+    for lateral, block in zip(features[:-1][::-1], decoder.fpn_lateral_blocks):
+        pyramid.append(block(pyramid[-1], lateral))
+    pyramid = [pyramid[0]] + [conv(f) for conv, f in zip(decoder.fpn_conv_blocks, pyramid[1:])]
+    size = pyramid[-1].shape[-2:]
+    resized = [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pyramid]
+    fused = decoder.fusion_block(torch.cat(resized[::-1], dim=1))
+    return fused, pyramid[::-1]
 
 
 @register_method
@@ -75,10 +78,30 @@ class DTMix(DTFeat):
     def __init__(self, config: Config, feature_specs, teacher: DiffusionTeacher | None,
                  interpreter: FeatureInterpreter, num_classes: int, teacher_path: str = "",
                  interpreter_path: str = ""):
+        self.num_classes = num_classes
         super().__init__(config, feature_specs, teacher, teacher_path,
                          extra={"interpreter": interpreter_path, "num_classes": num_classes})
         object.__setattr__(self, "interpreter", interpreter.eval().requires_grad_(False))
-        self.label_head = nn.Conv2d(self.regressor.width, num_classes, 1)
+
+    def build_student(self, config: Config, out_channels: list[int | None]) -> None:
+        """The fine-tuning UPerNet (`student.regressor_channels` wide) and a 1x1 projection per level to
+        the teacher's channels."""
+        width = config.student.regressor_channels
+        self.model = Segmenter("upernet", config.student.backbone, self.num_classes, decoder_channels=width)
+        self.projections = nn.ModuleDict({str(level): nn.Conv2d(width, channels, 1)
+                                          for level, channels in enumerate(out_channels) if channels})
+
+    def backbone_model(self) -> nn.Module:
+        return self.model.backbone_model()
+
+    def student_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the segmentation head's logits at stride 4, the projected pyramid levels paired with the
+        teacher's features, in its block order)."""
+        net = self.model.net
+        features = net.encoder(self.model.normalize((images + 1) / 2))  # [-1, 1] -> the timm model's input
+        fused, pyramid = upernet_pyramid(net.decoder, features)
+        logits = net.segmentation_head[0](fused)  # the head's conv; its x4 upsampling is for full-size output
+        return logits, [self.projections[str(level)](pyramid[level]) for level in self.levels]
 
     @classmethod
     def resolve_inputs(cls, inputs: PretrainInputs, model: str | None) -> dict:
@@ -124,10 +147,17 @@ class DTMix(DTFeat):
 
     @classmethod
     def decoder_export(cls, state_dict: dict[str, torch.Tensor], hparams: dict) -> tuple[dict, dict] | None:
-        info = {"format": UPERNET_DECODER_FORMAT, "head": "upernet",
-                "decoder_channels": hparams["config"]["student"]["regressor_channels"],
-                "num_classes": hparams["num_classes"]}
-        return upernet_decoder_weights(state_dict), info
+        """The whole UPerNet decoder and its segmentation head, under smp's own keys."""
+        weights = {k[len("model.net."):]: v for k, v in state_dict.items()
+                   if k.startswith(("model.net.decoder.", "model.net.segmentation_head."))}
+        config = hparams["config"]
+        width, classes = config["student"]["regressor_channels"], hparams["num_classes"]
+        info = {"format": UPERNET_DECODER_FORMAT, "head": "upernet", "decoder_channels": width, "num_classes": classes,
+                "holds": "every layer of the UPerNet decoder (feature norms, PPM, FPN laterals and convs, fusion) "
+                         "and its segmentation head",
+                "fits": f"segmentation_models_pytorch.UPerNet(encoder_name='tu-{config['student']['backbone']}', "
+                        f"decoder_channels={width}, classes={classes}): `finetune --head upernet --decoder`"}
+        return weights, info
 
     def place(self, device: torch.device) -> None:
         super().place(device)
@@ -135,12 +165,11 @@ class DTMix(DTFeat):
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         images, teacher_feats = self.teacher_features(batch)
-        fused, student_feats = self.student_outputs(images)
+        student_logits, student_feats = self.student_outputs(images)
         losses = self.feature_losses(student_feats, teacher_feats)
-        student_logits = self.label_head(fused)
         with torch.no_grad():
             soft_labels = resize_to(self.interpreter(teacher_feats).float(), student_logits.shape[-2:])
         cfg = self.config.loss
-        losses["ld"] = soft_label_loss(student_logits, soft_labels, cfg.ld_temperature)
+        losses["ld"] = soft_label_loss(student_logits, soft_labels, cfg.ld_temperature, relative=True)
         losses["loss"] = losses["loss"] + cfg.ld_weight * losses["ld"]
         return losses

@@ -102,8 +102,12 @@ class Segmenter(nn.Module):
         layers = {k.rsplit(".", 1)[0] for k in own if k.startswith(("decoder.", "segmentation_head."))}
         return sorted(layer for layer in layers if not any(k.startswith(layer + ".") for k in weights))
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the timm model's normalization."""
+        return (images - self.mean) / self.std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images - self.mean) / self.std)
+        return self.net(self.normalize(images))
 
 
 class LinearReadout(nn.Module):
