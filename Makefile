@@ -26,7 +26,9 @@ demo: $(STAMP)
 	$(BIN)/dreamteacher train-teacher --data examples/camvid48 --out runs/demo/teacher --preset demo
 	$(BIN)/dreamteacher sample runs/demo/teacher --out runs/demo/samples.png
 	$(BIN)/dreamteacher pretrain --method dt-feat --teacher runs/demo/teacher --data examples/camvid48 \
-		--out runs/demo/student --preset demo
+		--out runs/demo/student --preset demo --probe-images examples/camvid48 \
+		--probe-masks examples/camvid48-labels --probe-split examples/camvid48-probe-split.txt \
+		--set probe.num_classes=11 --set probe.ignore_index=11
 	$(BIN)/dreamteacher export runs/demo/student --out runs/demo/backbone.safetensors
 	$(BIN)/dreamteacher report --teacher runs/demo/teacher --student runs/demo/student \
 		--data examples/camvid48 --out runs/demo/report.html

@@ -65,6 +65,11 @@ def test_the_probe_runs_at_the_start_and_every_n_epochs_and_reports_in_run_json(
 
     tags = EventAccumulator(str(events[0]), size_guidance={"images": 0}).Reload().Tags()["images"]
     assert "probe/student/level0/pca" in tags and "probe/teacher/level0/kmeans" in tags and "probe/images" in tags
+    from dreamteacher.viz.report import write_report
+
+    page = write_report(tiny_teacher_dir, images, tmp_path / "report.html", student_run=run.run_dir, num_images=1,
+                        num_samples=0).read_text()
+    assert "the live probe" in page and page.count("<img") >= 2
 
 
 def test_a_probe_without_labels_logs_the_label_free_signal(tmp_path, tiny_teacher_dir):

@@ -255,3 +255,13 @@ def test_images_smaller_than_the_training_resolution_are_warned_about_once(tmp_p
                                          r"\(the smallest: tiny.png, 1x1\)") as caught:
         ImageFolder(tmp_path / "images", [48, 64])
     assert len([w for w in caught if "smaller than the training resolution" in str(w.message)]) == 1
+
+
+def test_atomic_writes_leave_files_readable_as_the_umask_allows(tmp_path):
+    from dreamteacher.core.runs import write_text_atomic
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_text_atomic(tmp_path / "results.json", "{}")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

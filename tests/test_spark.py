@@ -86,3 +86,19 @@ def test_spark_pretrains_and_exports_a_strict_timm_backbone(tmp_path):
     model.load_state_dict(load_file(str(run.files["backbone"])), strict=True)
     described = api.info(run.run_dir)
     assert described["method"] == "spark" and "SparK" in described["what"]
+
+
+def test_a_resolution_without_whole_mask_patches_is_refused_for_spark_only(tmp_path, capsys):
+    from dreamteacher.cli import main
+
+    images = write_images(tmp_path / "images", size=(48, 48))
+    settings = [a for o in TINY if not o.startswith("data.resolution") for a in ("--set", o)]
+    code = main(["pretrain", "--method", "spark", "--data", str(images), "--out", str(tmp_path / "run"),
+                 "--no-progress", *settings, "--set", "data.resolution=[48,48]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.resolution [48, 48] must be divisible by 32" in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # the setting is spark's: every other method's configuration takes such a resolution
+    from dreamteacher.core.config import build_config
+
+    assert build_config("demo", ["data.resolution=[48,48]"]).data.resolution == [48, 48]

@@ -47,6 +47,15 @@ EXPORT_SUFFIXES = (".safetensors", ".pth", ".pkl")
 TEMP_PREFIX = ".partial-"  # temporary files of atomic writes, in the folder of their target
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: Path, write: Any) -> Path:
     """`write(temp_path)` then an fsync and a rename over `path`, the temporary file in `path`'s own
     folder (so the rename is atomic: same file system): readers see the old file or the new one,
@@ -59,6 +68,7 @@ def atomic_write(path: Path, write: Any) -> Path:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide exports from the user's group
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

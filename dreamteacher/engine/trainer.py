@@ -196,11 +196,21 @@ def check_mlflow(uri: str) -> None:
         return
     import mlflow  # noqa: PLC0415 - an optional dependency, imported only when asked for
 
+    # one quick try: MLflow's own default retries with backoff for minutes before it gives up
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - connection refused, DNS, HTTP and auth errors alike
         raise UserError(f"trainer.mlflow_uri {uri}: the MLflow server does not answer "
                         f"({exc.__class__.__name__}); start it or leave mlflow_uri empty for a local store") from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def build_loggers(t: TrainerConfig, run_dir: Path) -> list:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from timm.layers import LayerNorm2d
@@ -39,11 +38,6 @@ class SparkConfig(Section):
 
     mask_ratio: float = bounded(0.6, low=0, high=1, low_open=True, high_open=True)  # section 4: 60%
     decoder_width: int = bounded(256, low=8)  # the light decoder's widest block (halved per level)
-
-    def check(self, config: Any) -> None:
-        if any(v % 32 for v in config.data.resolution):
-            raise UserError(f"spark: data.resolution {config.data.resolution} must be divisible by 32 (one mask "
-                            "patch per stride-32 position)")
 
 
 register_section("spark", SparkConfig)
@@ -188,6 +182,13 @@ class SparK(PretrainMethod):
         self.densify_projs = nn.ModuleList(nn.Conv2d(c, w, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
                                            for i, (c, w) in enumerate(zip(channels, widths)))
         self.decoder = LightDecoder(s.decoder_width, int(math.log2(self.patch)))
+
+    @classmethod
+    def check_config(cls, config: Config, inputs: PretrainInputs) -> None:
+        super().check_config(config, inputs)
+        if any(v % 32 for v in config.data.resolution):
+            raise UserError(f"spark: data.resolution {config.data.resolution} must be divisible by 32 (one mask "
+                            "patch per stride-32 position)")
 
     @classmethod
     def needs_noise(cls, config: Config, inputs: PretrainInputs) -> bool:

@@ -27,6 +27,7 @@ from dreamteacher.core.config import build_config, load_config_file
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.runs import CONFIG, RunFolder
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
+from dreamteacher.engine.probe import read_probe_log
 from dreamteacher.export.checkpoints import read_checkpoint
 from dreamteacher.losses import whiten
 from dreamteacher.methods.dt_feat import DTFeat, resize_to
@@ -136,6 +137,9 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
 
     if student_run:
         sections.append(_student_section(Path(student_run), config, teacher, images, at_run_t, size, figure))
+        records = read_probe_log(Path(student_run))
+        if records:
+            sections.append(_probe_section(records, figure))
     html_text = ("<!doctype html><html><head><meta charset='utf-8'><title>DreamTeacher report</title><style>"
                  "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:3px;"
                  "border:1px solid #ddd;font-size:12px;vertical-align:middle}img{image-rendering:pixelated}"
@@ -159,6 +163,41 @@ def _kmeans_section(teacher, images: torch.Tensor, feats: list[torch.Tensor], si
             "features already separate them.</p>" + _table(header, rows))
 
 
+def probe_curve(records: list[dict]) -> np.ndarray:
+    """The live probe's values against epochs (mIoU, and the effective rank on a second axis), as an
+    RGB picture."""
+    import matplotlib  # noqa: PLC0415 - plotting, only when a page draws it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    epochs = [r["epoch"] for r in records]
+    fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=100)
+    if records[0].get("miou") is not None:
+        ax.plot(epochs, [r["miou"] for r in records], "o-", color="tab:blue", label="readout mIoU")
+        ax.set_ylabel("readout mIoU", color="tab:blue")
+        rank_ax = ax.twinx()
+    else:
+        rank_ax = ax
+    rank_ax.plot(epochs, [r["effective_rank"] for r in records], "s--", color="tab:orange", label="effective rank")
+    rank_ax.set_ylabel("effective rank", color="tab:orange")
+    ax.set_xlabel("epoch")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return picture
+
+
+def _probe_section(records: list[dict], figure: Figures) -> str:
+    last = records[-1]
+    readout = f"readout mIoU {records[0]['miou']} -> {last['miou']}, " if last.get("miou") is not None else ""
+    return ("<h2>Pretraining, watched: the live probe</h2><p>Every few epochs the frozen backbone's "
+            f"{readout}effective rank {records[0]['effective_rank']} -> {last['effective_rank']} (epoch 0 is the "
+            "starting point; <code>logs/probe.jsonl</code>).</p>" + figure(probe_curve(records), 1, "probe"))
+
+
 def _teacher_run_config(teacher_path: str | Path) -> dict | None:
     path = Path(teacher_path) / CONFIG
     return load_config_file(path) if path.is_file() else None
@@ -167,6 +206,10 @@ def _teacher_run_config(teacher_path: str | Path) -> dict | None:
 def _student_section(run: Path, config, teacher, images: torch.Tensor, teacher_feats: list[torch.Tensor],
                      size: tuple[int, int], figure: Figures) -> str:
     ckpt = read_checkpoint(RunFolder(run).checkpoint)
+    method_name = ckpt["hyper_parameters"].get("method")
+    if method_name != DTFeat.name:  # the pictures pair a dt-feat regressor's outputs with the teacher's blocks
+        return (f"<h2>Student</h2><p>run <code>{html.escape(str(run))}</code> is a {html.escape(str(method_name))} "
+                "run: the student-beside-teacher pictures are drawn for dt-feat students.</p>")
     method = DTFeat(config, teacher.feature_specs, teacher)
     method.load_state_dict(ckpt["state_dict"])
     method.eval()
