@@ -34,6 +34,16 @@ def test_generator_and_discriminator_work_at_a_non_square_resolution():
         Generator(SMALL, [30, 32])
 
 
+def test_the_discriminators_r1_gradient_stays_finite_on_a_batch_of_identical_images():
+    # the minibatch standard deviation of equal images is 0: without StyleGAN2's epsilon its gradient is NaN
+    torch.manual_seed(0)
+    discriminator = Discriminator(SMALL, [16, 16])
+    real = torch.rand(1, 3, 16, 16).repeat(4, 1, 1, 1).requires_grad_(True)
+    grad, = torch.autograd.grad(discriminator(real).sum(), real, create_graph=True)
+    grad.pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in discriminator.parameters() if p.grad is not None)
+
+
 def diffusion_teacher() -> DiffusionTeacher:
     config = build_config(None, TINY)
     return DiffusionTeacher(build_unet(config.diffusion, [32, 32]), default_scheduler(), blocks=[0, 2, 4], t=50)

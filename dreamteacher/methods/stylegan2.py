@@ -55,7 +55,8 @@ class Discriminator(nn.Module):
         group = min(4, x.shape[0])
         while x.shape[0] % group:
             group -= 1
-        stats = x.view(group, -1, *x.shape[1:]).std(dim=0, unbiased=False).mean(dim=(1, 2, 3))  # minibatch std
+        # minibatch std; the 1e-8 (StyleGAN2's own) keeps its gradient finite where the group agrees exactly
+        stats = (x.view(group, -1, *x.shape[1:]).var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
         x = torch.cat([x, stats.repeat(group)[:, None, None, None].expand(-1, 1, *x.shape[2:])], dim=1)
         return self.final(self.final_conv(x).flatten(1)).squeeze(1)
 
