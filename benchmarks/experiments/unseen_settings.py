@@ -1,15 +1,17 @@
 """Issue 27: which DreamTeacher settings carry the gain to scenes pretraining never saw?
 
-Runs the camvid-cpu recipe's `dt-feat` row (and with `--untrained` its untrained-teacher control) at
-1/30 of the labels, seeds 0-2, with `--set` overrides on the pretraining preset (student and
-distillation settings; `--teacher-set` for the teacher's own training, which then trains a new
-teacher), and scores every cell on `unseen/` (where settings are chosen) and on `val/` (reported).
-The recipe's own teacher and feature caches are reused from `--bench` (the camvid-cpu bench folder)
-when the variant's settings leave them unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
+Runs the camvid-cpu recipe's `dt-feat` row (or `--row dt-mix`, issue 28; with `--untrained` also
+dt-feat's untrained-teacher control) at 1/30 of the labels, seeds 0-2, with `--set` overrides on the
+pretraining preset (student and distillation settings; `--teacher-set` for the teacher's own
+training, which then trains a new teacher), and scores every cell on `unseen/` (where settings are
+chosen) and on `val/` (reported). The recipe's own teacher, feature caches and feature interpreters
+are reused from `--bench` (the camvid-cpu bench folder) when the variant's settings leave them
+unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
 
     python benchmarks/experiments/unseen_settings.py baseline --untrained
     python benchmarks/experiments/unseen_settings.py t150 --set encode.t=150
     python benchmarks/experiments/unseen_settings.py crop --set data.crop_scale=[0.35,1.0]
+    python benchmarks/experiments/unseen_settings.py mix-ld16 --row dt-mix --set loss.ld_weight=16
 """
 
 import argparse
@@ -31,6 +33,7 @@ parser.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KE
                     help="pretraining overrides for the students (dt-feat and its control)")
 parser.add_argument("--teacher-set", dest="teacher_settings", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides of the teacher's training (a new teacher is trained)")
+parser.add_argument("--row", default="dt-feat", choices=["dt-feat", "dt-mix"], help="the row the settings are for")
 parser.add_argument("--untrained", action="store_true", help="also the dt-feat-untrained control row")
 parser.add_argument("--fractions", default="1-30")
 parser.add_argument("--bench", default="benchmarks/results/camvid-cpu", help="where the recipe's teacher is")
@@ -45,9 +48,9 @@ students = parse_overrides(args.settings)
 teachers = parse_overrides(args.teacher_settings)
 spec["pretrain_overrides"] = _deep_merge(spec.get("pretrain_overrides") or {}, teachers)
 overrides = spec.setdefault("method_overrides", {})
-for row in ("dt-feat", "dt-feat-untrained"):  # the students' settings, not the teacher's
+for row in (args.row, "dt-feat-untrained"):  # the students' settings, not the teacher's
     overrides[row] = _deep_merge(overrides.get(row) or {}, students)
-spec["rows"] = [{"method": "dt-feat", "head": "upernet"}]
+spec["rows"] = [{"method": args.row, "head": "upernet"}]
 if args.untrained:
     spec["rows"].append({"method": "dt-feat-untrained", "head": "upernet"})
 out.mkdir(parents=True, exist_ok=True)
@@ -58,8 +61,11 @@ runs = out / "runs"
 runs.mkdir(exist_ok=True)
 shared = Path(args.bench) / "runs"
 names = [] if teachers else ["teacher", "teacher-untrained"]  # a teacher setting changes both keys
-for folder in sorted(shared.glob("cache-*")) + [shared / n for n in names]:
-    link = runs / folder.name
+interpreters = [] if teachers else sorted(shared.glob("interpreters/*"))
+if interpreters:
+    (runs / "interpreters").mkdir(exist_ok=True)
+for folder in sorted(shared.glob("cache-*")) + [shared / n for n in names] + interpreters:
+    link = runs / folder.relative_to(shared)
     finished = (folder / "stage.json").is_file()
     if finished and not link.exists():  # a stage whose key differs is recomputed in place of the link
         link.symlink_to(folder.resolve(), target_is_directory=True)
