@@ -156,6 +156,15 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     with pytest.warns(UserWarning, match="distilled for 3 classes, this task has 5"):  # the decoder kept, the head not
         ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg5", decoder=run.files["decoder"],
                     progress=False, **{**seg, "data": {**seg["data"], "num_classes": 5}})
+    # a decoder that cannot fit the model it would initialize is refused before training, naming the file
+    with pytest.raises(UserError, match="is a pretrained upernet decoder .*needs --head upernet"):
+        ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg-unet", decoder=run.files["decoder"],
+                    progress=False, **{**seg, "model": {"head": "unet"}})
+    with pytest.raises(UserError, match="is 32 channels wide, model.decoder_channels is 16"):
+        ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg16", decoder=run.files["decoder"],
+                    progress=False, **{**seg, "model": {"head": "upernet", "decoder_channels": 16}})
+    with pytest.raises(UserError, match="its inputs come from a pretrained encoder"):
+        ft.finetune(None, images, masks, tmp_path / "seg-random", decoder=run.files["decoder"], progress=False, **seg)
 
     # from the offline feature cache (the bench's dt-mix rows): the interpreter reads the cached features
     cached = api.pretrain(unlabeled, tmp_path / "mix-cached", method="dt-mix", interpreter=tmp_path / "interp",
