@@ -36,7 +36,8 @@ curves: dict[str, list[dict]] = {}
 for log in sorted(bench.glob("runs/pretrain-*/logs/probe.jsonl")):
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     if records:
-        curves[log.parents[1].name.removeprefix("pretrain-")] = records
+        # a per-fraction stage (dt-mix-1-30: its interpreter learned that fraction) is its row at that fraction
+        curves[log.parents[1].name.removeprefix("pretrain-").removesuffix(f"-{args.fraction}")] = records
 if not curves:
     raise SystemExit(f"no probe.jsonl under {bench}/runs/pretrain-*/logs/: run the bench with a recipe that has probe:")
 
