@@ -16,8 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from dreamteacher.bench.recipes import load_recipe
 from dreamteacher.bench.runner import bench
+
+try:
+    from dreamteacher.bench.recipes import load_recipe
+except ImportError:  # checkouts before the bench was split into modules (4f335e8 and older)
+    from dreamteacher.bench.runner import load_recipe
 
 out = Path(sys.argv[1])
 probe = len(sys.argv) > 2 and sys.argv[2] == "probe"
