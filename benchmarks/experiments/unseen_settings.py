@@ -1,10 +1,11 @@
 """Issue 27: which DreamTeacher settings carry the gain to scenes pretraining never saw?
 
-Runs the camvid-cpu recipe's `dt-feat` row (or `--row dt-mix`, issue 28; with `--untrained` also
-dt-feat's untrained-teacher control) at 1/30 of the labels, seeds 0-2, with `--set` overrides on the
-pretraining preset (student and distillation settings; `--teacher-set` for the teacher's own
-training, which then trains a new teacher), and scores every cell on `unseen/` (where settings are
-chosen) and on `val/` (reported). The recipe's own teacher, feature caches and feature interpreters
+Runs the camvid-cpu recipe's `dt-feat` row (or `--row dt-mix`, issue 28; or `--row teacher-interpreter`,
+the feature interpreter as the segmenter; with `--untrained` also dt-feat's untrained-teacher control)
+at 1/30 of the labels, seeds 0-2, with `--set` overrides on the pretraining preset (student and
+distillation settings; `--teacher-set` for the teacher's own training, which then trains a new
+teacher; `--interpreter-set` for the feature interpreters, which are then trained anew), and scores
+every cell on `unseen/` (where settings are chosen) and on `val/` (reported). The recipe's own teacher, feature caches and feature interpreters
 are reused from `--bench` (the camvid-cpu bench folder) when the variant's settings leave them
 unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
 
@@ -12,6 +13,7 @@ unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
     python benchmarks/experiments/unseen_settings.py t150 --set encode.t=150
     python benchmarks/experiments/unseen_settings.py crop --set data.crop_scale=[0.35,1.0]
     python benchmarks/experiments/unseen_settings.py mix-ld16 --row dt-mix --set loss.ld_weight=16
+    python benchmarks/experiments/unseen_settings.py interp-w256 --row teacher-interpreter --interpreter-set interpreter.width=256
 """
 
 import argparse
@@ -33,7 +35,10 @@ parser.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KE
                     help="pretraining overrides for the students (dt-feat and its control)")
 parser.add_argument("--teacher-set", dest="teacher_settings", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides of the teacher's training (a new teacher is trained)")
-parser.add_argument("--row", default="dt-feat", choices=["dt-feat", "dt-mix"], help="the row the settings are for")
+parser.add_argument("--interpreter-set", dest="interpreter_settings", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the feature interpreters (teacher-interpreter and dt-mix; trained anew)")
+parser.add_argument("--row", default="dt-feat", choices=["dt-feat", "dt-mix", "teacher-interpreter"],
+                    help="the row the settings are for")
 parser.add_argument("--untrained", action="store_true", help="also the dt-feat-untrained control row")
 parser.add_argument("--fractions", default="1-30")
 parser.add_argument("--bench", default="benchmarks/results/camvid-cpu", help="where the recipe's teacher is")
@@ -47,10 +52,12 @@ spec["name"] = f"camvid-cpu, experiment {args.name}"
 students = parse_overrides(args.settings)
 teachers = parse_overrides(args.teacher_settings)
 spec["pretrain_overrides"] = _deep_merge(spec.get("pretrain_overrides") or {}, teachers)
+spec["interpreter_overrides"] = _deep_merge(spec.get("interpreter_overrides") or {},
+                                            parse_overrides(args.interpreter_settings))
 overrides = spec.setdefault("method_overrides", {})
 for row in (args.row, "dt-feat-untrained"):  # the students' settings, not the teacher's
     overrides[row] = _deep_merge(overrides.get(row) or {}, students)
-spec["rows"] = [{"method": args.row, "head": "upernet"}]
+spec["rows"] = [{"method": args.row, "head": "interpreter" if args.row == "teacher-interpreter" else "upernet"}]
 if args.untrained:
     spec["rows"].append({"method": "dt-feat-untrained", "head": "upernet"})
 out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,7 @@ runs = out / "runs"
 runs.mkdir(exist_ok=True)
 shared = Path(args.bench) / "runs"
 names = [] if teachers else ["teacher", "teacher-untrained"]  # a teacher setting changes both keys
-interpreters = [] if teachers else sorted(shared.glob("interpreters/*"))
+interpreters = [] if teachers or args.interpreter_settings else sorted(shared.glob("interpreters/*"))
 if interpreters:
     (runs / "interpreters").mkdir(exist_ok=True)
 for folder in sorted(shared.glob("cache-*")) + [shared / n for n in names] + interpreters:
@@ -75,6 +82,7 @@ summary = json.loads(result.files["json"].read_text())["summary"]
 report = {name: {f"{s['method']} {s['fraction']}": [round(s["mean"], 2), s["values"]] for s in rows}
           for name, rows in summary.items()}
 report["settings"], report["teacher_settings"] = args.settings, args.teacher_settings
+report["interpreter_settings"] = args.interpreter_settings
 (out / "result.json").write_text(json.dumps(report, indent=2))
 json.dump(report, sys.stdout, indent=2)
 print()
