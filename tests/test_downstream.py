@@ -305,6 +305,21 @@ def test_bench_scores_every_cell_on_every_evaluation_set_with_one_table_each(sce
     assert f"{gain['later']:+.1f} / {gain['same']:+.1f}" in line
     assert "Per-class IoU on `later`" in table and "Per-class IoU on `same`" in table
     assert (out / "results.png").stat().st_size > 0
+    assert "Not scored on" not in table
+    # a row carried over from before `later` existed (one set's `miou`, which older cells called
+    # `same` here): said under the primary table, by row and fraction, never silently left out
+    from dreamteacher.bench.report import markdown_table
+
+    meta = {k: v for k, v in saved.items() if k not in ("rows", "summary")}
+    old = [{**{k: v for k, v in saved["rows"][0].items() if k != "scores"}, "method": "pcd", "fraction": f, "seed": 0}
+           for f in ("1-8", "1-30")]
+    for cell in old:
+        cell["scores"] = {"same": {"miou": 10.0, "per_class": [10.0] * NUM_CLASSES}}
+    table = markdown_table(meta, saved["rows"] + old)
+    note = next(ln for ln in table.splitlines() if ln.startswith("Not scored on `later` yet:"))
+    assert "pcd / upernet (1/30, 1/8)" in note and "scratch" not in note
+    primary = table.split("## mIoU on `later`")[1].split("## mIoU on `same`")[0]
+    assert note in primary and "| pcd |" not in primary
 
     # one more set on the command line: evaluated on every finished cell, nothing fine-tuned again
     calls = []
