@@ -5,9 +5,9 @@ the feature interpreter as the segmenter; with `--untrained` also dt-feat's untr
 at 1/30 of the labels, seeds 0-2, with `--set` overrides on the pretraining preset (student and
 distillation settings; `--teacher-set` for the teacher's own training, which then trains a new
 teacher; `--interpreter-set` for the feature interpreters, which are then trained anew), and scores
-every cell on `unseen/` (where settings are chosen) and on `val/` (reported). The recipe's own teacher, feature caches and feature interpreters
-are reused from `--bench` (the camvid-cpu bench folder) when the variant's settings leave them
-unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
+every cell on `unseen/` (where settings are chosen) and on `val/` (reported). The recipe's own
+teacher, feature caches and feature interpreters are reused from `--bench` (the camvid-cpu bench
+folder) when the variant's settings leave them unchanged. Resumable; the table is OUT/unseen-NAME/results.md.
 
     python benchmarks/experiments/unseen_settings.py baseline --untrained
     python benchmarks/experiments/unseen_settings.py t150 --set encode.t=150

@@ -63,19 +63,18 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds else "-"
 
 
-def _unscored_line(rows: list[dict], primary: list[dict], name: str) -> list[str]:
+def _unscored_line(summary_all: list[dict], primary: list[dict], fractions: list[str], name: str) -> list[str]:
     """The rows (method / head, fractions) that other sets score and `name` does not: cells carried over
     from before `name` was an evaluation set, whose work folders are gone, so only re-running the
     row scores it here. Said under the primary table so that no reader takes a missing row for a loss."""
     scored = {(s["method"], s["head"], s["fraction"]) for s in primary}
-    missing: dict[tuple[str, str], list[str]] = {}
-    for s in summarize(rows):
+    missing: dict[tuple[str, str], set[str]] = {}
+    for s in summary_all:
         if (s["method"], s["head"], s["fraction"]) not in scored:
-            missing.setdefault((s["method"], s["head"]), []).append(s["fraction"])
+            missing.setdefault((s["method"], s["head"]), set()).add(s["fraction"])
     if not missing:
         return []
-    order = {f: i for i, f in enumerate(FRACTION_ORDER)}
-    listed = "; ".join(f"{method} / {head} ({', '.join(FRACTION_LABEL.get(f, f) for f in sorted(fs, key=order.get))})"
+    listed = "; ".join(f"{method} / {head} ({', '.join(FRACTION_LABEL[f] for f in fractions if f in fs)})"
                        for (method, head), fs in missing.items())
     return ["", f"Not scored on `{name}` yet: {listed}. Their cells predate `{name}` and their work folders are "
             "gone; re-running those rows (`--rows METHOD:HEAD --fractions ...`) scores them on every set."]
@@ -200,7 +199,7 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         lines += ["", f"## mIoU on `{name}`" + (" (the primary set)" if i == 0 and len(names) > 1 else ""), ""]
         lines += _score_table(summary, fractions, labeled, details=i == 0)
         if i == 0 and len(names) > 1:
-            lines += _unscored_line(rows, summary, name)
+            lines += _unscored_line(summary_all, summary, fractions, name)
     lines += _gain_table(rows, names, fractions)
     class_names = meta.get("class_names")
     if class_names and rows:
