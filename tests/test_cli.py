@@ -3,6 +3,7 @@ run resumes; bad input is one line (many processes: test_distributed.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -75,6 +76,21 @@ def test_teacher_trains_in_its_own_precision(tmp_path, monkeypatch):
     with open(tmp_path / "teacher" / "logs" / "metrics.csv") as f:
         losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row["train/loss"]]
     assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+def test_a_resumed_teacher_says_so_and_records_where(tmp_path, trained):
+    """Teacher training draws its data order, flips and noise from the global generator: a resume
+    cannot replay them, so the run says it was resumed (a warning and `resumed_at` in run.json) instead
+    of passing for an uninterrupted teacher. A run trained in one go records nothing."""
+    out = tmp_path / "teacher"
+    assert main(["train-teacher", "--data", str(trained / "images"), "--out", str(out), "--no-progress", *sets()]) == 0
+    assert "resumed_at" not in json.loads((out / "run.json").read_text())
+    with pytest.warns(UserWarning, match=r"resumed at step\(s\) \[3\].*not bit-identical"):
+        assert main(["train-teacher", "--data", str(trained / "images"), "--out", str(out), "--resume",
+                     "--no-progress", "--set", "teacher_train.max_steps=5"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["steps"] == 5 and record["resumed_at"] == [3]
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
 def test_sample_writes_a_png_grid(trained):
@@ -255,3 +271,4 @@ def test_killed_run_resumes_from_last_checkpoint(trained):
     assert main(["pretrain", "--data", str(trained / "images"), "--out", str(out), "--resume", "--no-progress",
                  "--set", f"optim.max_steps={step + 2}"]) == 0  # teacher and settings come from the run
     assert read_checkpoint(ckpt)["global_step"] == step + 2
+    assert json.loads((out / "run.json").read_text())["resumed_at"] == [step]  # where this run was resumed

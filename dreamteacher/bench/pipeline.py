@@ -72,12 +72,15 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
                                    kind=trainer_cls.kind)
             summary = read_summary(folder) or {}
             return {"teacher": str(result.files["teacher"]), "seconds": result.seconds, "steps": result.steps,
-                    "epochs": summary.get("epochs")}
+                    "epochs": summary.get("epochs"), "resumed_at": summary.get("resumed_at", [])}
 
     trained = Stage(bench.runs / name, key, run).result(allow_run)
     if trained is None:
         return None
+    # a resumed teacher is not bit-identical to an uninterrupted one: its cells say so (results.json)
     timing = {k: trained[k] for k in ("seconds", "steps", "epochs")}
+    if trained.get("resumed_at"):
+        timing["resumed_at"] = trained["resumed_at"]
     return {**trained, "family": trainer_cls.family, "stages": {name: timing},
             "pretrain_seconds": round(trained["seconds"], 1), "pretrain_epochs": trained["epochs"]}
 

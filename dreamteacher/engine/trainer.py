@@ -44,7 +44,8 @@ class StepProgress(Callback):
     """One progress bar over the whole run (not per epoch) with loss and images/s of all processes;
     images/s also goes to the logs. Time between batch ends, so data loading is included.
 
-    Also the run's training wall-clock, kept in its checkpoints so that it adds up over resumes.
+    Also the run's training wall-clock, kept in its checkpoints so that it adds up over resumes, and
+    the steps it was resumed at (`resumed_at`, in run.json: a resume that is not bit-exact leaves a trace).
     """
 
     def __init__(self, global_batch: int, show: bool = True):
@@ -53,6 +54,7 @@ class StepProgress(Callback):
         self._rate: float | None = None
         self._bar: tqdm | None = None
         self.seconds_before = 0.0  # training time of earlier (resumed) parts
+        self.resumed_at: list[int] = []
         self._start: float | None = None
         self._shown = 0.0
         self.refresh_seconds = 1.0
@@ -62,12 +64,15 @@ class StepProgress(Callback):
         return self.seconds_before + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
     def state_dict(self) -> dict:
-        return {"seconds": self.seconds}
+        return {"seconds": self.seconds, "resumed_at": list(self.resumed_at)}
 
     def load_state_dict(self, state: dict) -> None:
         self.seconds_before = float(state.get("seconds", 0.0))
+        self.resumed_at = [int(step) for step in state.get("resumed_at", [])]
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if 0 < trainer.global_step < trainer.max_steps and trainer.global_step not in self.resumed_at:
+            self.resumed_at.append(trainer.global_step)
         if self.show and trainer.is_global_zero:
             self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr)
@@ -105,6 +110,11 @@ def keep_previous_logs(run_dir: Path) -> None:
 def training_seconds(trainer: L.Trainer) -> float:
     """Wall-clock of the run's training over all its parts (resumes included)."""
     return next(cb.seconds for cb in trainer.callbacks if isinstance(cb, StepProgress))
+
+
+def resumed_at(trainer: L.Trainer) -> list[int]:
+    """The steps the run was resumed at, over all its parts (empty for a run trained in one go)."""
+    return next(list(cb.resumed_at) for cb in trainer.callbacks if isinstance(cb, StepProgress))
 
 
 # glibc mallopt parameters (malloc.h)
@@ -321,6 +331,7 @@ class RunResult:
     seconds: float
     final_loss: float | None
     files: dict[str, Path] = field(default_factory=dict)
+    resumed_at: list[int] = field(default_factory=list)
 
 
 def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: DataLoader,
@@ -345,4 +356,5 @@ def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: D
     loss = trainer.callback_metrics.get("train/loss")
     # a resumed run that had nothing left to train logged nothing: its final loss is the one it finished with
     final_loss = float(loss) if loss is not None else (run.summary() or {}).get("final_loss")
-    return RunResult(run.path, run.checkpoint, trainer.global_step, training_seconds(trainer), final_loss)
+    return RunResult(run.path, run.checkpoint, trainer.global_step, training_seconds(trainer), final_loss,
+                     resumed_at=resumed_at(trainer))

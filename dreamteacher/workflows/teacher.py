@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +63,11 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     module = trainer_cls(config)
     result = engine.fit(run, trainer, module, loader, ckpt)
     result.steps //= steps_per_iteration
+    result.resumed_at = [step // steps_per_iteration for step in result.resumed_at]
+    if result.resumed_at:
+        warnings.warn(f"the teacher in {run.path} was resumed at step(s) {result.resumed_at}: its data order, flips "
+                      "and noise were drawn anew there, so it is not bit-identical to an uninterrupted run's and "
+                      "scores downstream can differ by points (run.json: `resumed_at`)", stacklevel=2)
     result.files["teacher"] = run / TEACHER
     if trainer.is_global_zero:
         save_atomically(run / TEACHER, module.save_teacher)
@@ -71,9 +77,10 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
 
 def summary(result: RunResult, method: str, epochs: float, **extra) -> dict:
     """`RUN/run.json`: what finished, in how many steps, epochs and seconds (all resumed parts)."""
+    resumed = {"resumed_at": result.resumed_at} if result.resumed_at else {}
     return {"method": method, "status": "finished", "steps": result.steps, "epochs": round(epochs, 2),
             "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
-            "files": {k: str(v) for k, v in result.files.items()}, **extra}
+            "files": {k: str(v) for k, v in result.files.items()}, **resumed, **extra}
 
 
 def untrained_teacher(out: str | Path, preset: str | None = None,
