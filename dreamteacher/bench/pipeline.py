@@ -72,7 +72,7 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
                                    kind=trainer_cls.kind)
             summary = read_summary(folder) or {}
             return {"teacher": str(result.files["teacher"]), "seconds": result.seconds, "steps": result.steps,
-                    "epochs": summary.get("epochs"), "resumed_at": summary.get("resumed_at", [])}
+                    "epochs": summary.get("epochs"), "resumed_at": result.resumed_at}
 
     trained = Stage(bench.runs / name, key, run).result(allow_run)
     if trained is None:

@@ -107,14 +107,9 @@ def keep_previous_logs(run_dir: Path) -> None:
         metrics.rename(metrics.with_name(f"metrics.part{part}.csv"))
 
 
-def training_seconds(trainer: L.Trainer) -> float:
-    """Wall-clock of the run's training over all its parts (resumes included)."""
-    return next(cb.seconds for cb in trainer.callbacks if isinstance(cb, StepProgress))
-
-
-def resumed_at(trainer: L.Trainer) -> list[int]:
-    """The steps the run was resumed at, over all its parts (empty for a run trained in one go)."""
-    return next(list(cb.resumed_at) for cb in trainer.callbacks if isinstance(cb, StepProgress))
+def step_progress(trainer: L.Trainer) -> StepProgress:
+    """The trainer's `StepProgress`: wall-clock and resume steps over all the run's parts."""
+    return next(cb for cb in trainer.callbacks if isinstance(cb, StepProgress))
 
 
 # glibc mallopt parameters (malloc.h)
@@ -356,5 +351,6 @@ def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: D
     loss = trainer.callback_metrics.get("train/loss")
     # a resumed run that had nothing left to train logged nothing: its final loss is the one it finished with
     final_loss = float(loss) if loss is not None else (run.summary() or {}).get("final_loss")
-    return RunResult(run.path, run.checkpoint, trainer.global_step, training_seconds(trainer), final_loss,
-                     resumed_at=resumed_at(trainer))
+    progress = step_progress(trainer)
+    return RunResult(run.path, run.checkpoint, trainer.global_step, progress.seconds, final_loss,
+                     resumed_at=list(progress.resumed_at))
