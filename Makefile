@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# the import-layer contract of pyproject.toml (a back-edge or a cycle fails), then the tests
+# the import-layer contract and the lint rules of pyproject.toml (a back-edge, a cycle, an undefined
+# name or an unused import fails), then the tests
 test: $(STAMP)
 	$(BIN)/lint-imports
+	$(BIN)/ruff check
 	$(BIN)/python -m pytest tests
 
 # Tiny teacher + tiny student on the 48 embedded CamVid frames; about 10 minutes on 2 CPU cores.
