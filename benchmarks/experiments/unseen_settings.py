@@ -16,7 +16,7 @@ the bench's own left alone). Resumable; the table is OUT/unseen-NAME/results.md.
     python benchmarks/experiments/unseen_settings.py crop --set data.crop_scale=[0.35,1.0]
     python benchmarks/experiments/unseen_settings.py mix-ld16 --row dt-mix --set loss.ld_weight=16
     python benchmarks/experiments/unseen_settings.py interp-w256 --row teacher-interpreter --interpreter-set interpreter.width=256
-    python benchmarks/experiments/unseen_settings.py ft-bb03 --untrained --scratch --finetune-set optim.backbone_lr_scale=0.3
+    python benchmarks/experiments/unseen_settings.py ft-bb03 --scratch --finetune-set optim.backbone_lr_scale=0.3
 """
 
 import argparse
