@@ -71,9 +71,10 @@ def measure(state: dict) -> dict:
         for name, params in groups.items():
             g_feat = flat(torch.autograd.grad(feature, params, retain_graph=True, allow_unused=True))
             g_ld = flat(torch.autograd.grad(label, params, retain_graph=True, allow_unused=True))
+            shared = bool(g_feat.norm() > 0)  # the head has no feature gradient: no ratio, no angle
             row[name] = {"feature_norm": g_feat.norm().item(), "label_norm": g_ld.norm().item(),
-                         "label_over_feature": (g_ld.norm() / g_feat.norm().clamp_min(1e-30)).item(),
-                         "cosine": torch.nn.functional.cosine_similarity(g_feat, g_ld, dim=0).item()}
+                         "label_over_feature": (g_ld.norm() / g_feat.norm()).item() if shared else None,
+                         "cosine": torch.nn.functional.cosine_similarity(g_feat, g_ld, dim=0).item() if shared else None}
         with torch.no_grad():  # the student's argmax against the interpreter's
             images, teacher_feats = module.teacher_features(batch)
             logits, _ = module.student_outputs(images)
@@ -87,7 +88,8 @@ def measure(state: dict) -> dict:
     summary = {"ld": mean(lambda r: r["ld"]), "feature_loss": mean(lambda r: r["feature_loss"]),
                "argmax_agreement": mean(lambda r: r["argmax_agreement"])}
     for name in groups:
-        summary[name] = {k: mean(lambda r, k=k: r[name][k]) for k in rows[0][name]}
+        summary[name] = {k: mean(lambda r, k=k: r[name][k]) if rows[0][name][k] is not None else None
+                         for k in rows[0][name]}  # the head: the label term alone trains it
     return summary
 
 
