@@ -7,7 +7,7 @@ Reads `runs/pretrain-*/logs/probe.jsonl` (written by every pretraining stage whe
 (readout mIoU and effective rank at the start, at the end, and the best epoch) beside the mean
 fine-tuning mIoU of its row at one label fraction on one evaluation set, says how many pairs of rows
 the probe's final value orders as the fine-tuning does, and draws both curves of every stage to
-BENCH_DIR/probe-curves.png. `scratch` is the randomly initialized student: the epoch-0 probe.
+BENCH_DIR/probe-curves.png. `scratch` is the randomly initialized student: dt-feat's epoch-0 probe.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ finetuned = {s["method"]: s for s in summarize(results["rows"], args.set)
              if s["fraction"] == args.fraction and s["head"] == args.head}
 
 rows = []
-first = next(iter(curves.values()))[0]
+# scratch is the plain backbone at the recipe's seed: dt-feat's epoch 0 (a stage that builds it inside
+# another network, dep's U-Net or dt-mix's UperNet, draws a different init)
+first = (curves.get("dt-feat") or next(iter(curves.values())))[0]
 if "scratch" in finetuned:
     rows.append(("scratch", first, first, first, finetuned["scratch"]))
 for name, records in curves.items():
