@@ -71,9 +71,10 @@ def measure(state: dict) -> dict:
         for name, params in groups.items():
             g_feat = flat(torch.autograd.grad(feature, params, retain_graph=True, allow_unused=True))
             g_ld = flat(torch.autograd.grad(label, params, retain_graph=True, allow_unused=True))
-            shared = bool(g_feat.norm() > 0)  # the head has no feature gradient: no ratio, no angle
-            row[name] = {"feature_norm": g_feat.norm().item(), "label_norm": g_ld.norm().item(),
-                         "label_over_feature": (g_ld.norm() / g_feat.norm()).item() if shared else None,
+            f_norm, l_norm = g_feat.norm().item(), g_ld.norm().item()
+            shared = f_norm > 0  # the head has no feature gradient: no ratio, no angle
+            row[name] = {"feature_norm": f_norm, "label_norm": l_norm,
+                         "label_over_feature": l_norm / f_norm if shared else None,
                          "cosine": torch.nn.functional.cosine_similarity(g_feat, g_ld, dim=0).item() if shared else None}
         with torch.no_grad():  # the student's argmax against the interpreter's
             images, teacher_feats = module.teacher_features(batch)
