@@ -50,7 +50,18 @@ class PretrainInputs:
         return {name: getattr(self, name) for name in INPUTS}
 
 
-class PretrainMethod(L.LightningModule):
+class SeedsOnHost(L.LightningModule):
+    """A module whose batches may carry per-sample `noise_seed`s (`data.sampling.SeededSamples`): they
+    stay on the host, where `seeded_noise` reads them without a device sync."""
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "noise_seed" in batch:  # read on the host, see data.sampling.seeded_noise
+            return {**super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "noise_seed"},
+                                                       device, dataloader_idx), "noise_seed": batch["noise_seed"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class PretrainMethod(SeedsOnHost):
     """Subclasses define `compute_losses(batch) -> {"loss": total, **parts}` and the declarations below.
 
     `total_steps` / `warmup_steps` are set by the caller before `fit` (they depend on data size).
@@ -144,12 +155,6 @@ class PretrainMethod(L.LightningModule):
     def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "noise_seed" in batch:  # read on the host, see data.sampling.seeded_noise
-            return {**super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "noise_seed"},
-                                                       device, dataloader_idx), "noise_seed": batch["noise_seed"]}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(batch)
         for name, value in losses.items():  # averaged over processes: the loss of the global batch
@@ -185,8 +190,12 @@ def register_method(cls: type[PretrainMethod]) -> type[PretrainMethod]:
     return METHODS.register(cls.name, cls)
 
 
-class TeacherTrainer(L.LightningModule):
-    """A teacher trained on the user's images (`train-teacher --kind NAME`)."""
+class TeacherTrainer(SeedsOnHost):
+    """A teacher trained on the user's images (`train-teacher --kind NAME`).
+
+    Its batches are keyed like a pretraining's (`SeededSamples`): the data order, flips, crops, noise
+    and timesteps of every sample come from (seed, epoch, image) alone, so a killed run resumes to the
+    weights of an uninterrupted one, at any world size."""
 
     kind: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -199,6 +208,16 @@ class TeacherTrainer(L.LightningModule):
     @classmethod
     def check_config(cls, config: Config) -> None:
         """Refuses settings it cannot train with, before any work."""
+
+    @classmethod
+    def image_folder(cls, data: Any, config: Config) -> ImageFolder:
+        """The training images (default: at `data.resolution`, flipped as `data.hflip` says)."""
+        return ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+
+    @classmethod
+    def dataset(cls, images: ImageFolder, config: Config) -> Dataset:
+        """What each sample carries beside its `noise_seed` (default: the image alone)."""
+        return images
 
     @classmethod
     def describe_settings(cls, config: Config) -> str:

@@ -13,24 +13,35 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Dataset
 
 from dreamteacher.core.config import Config
+from dreamteacher.data.images import ImageFolder
+from dreamteacher.data.sampling import seeded_noise
 from dreamteacher.methods.base import TeacherTrainer, register_teacher_trainer
 from dreamteacher.nn.optim import fused_adam
 from dreamteacher.teachers.diffusion import build_unet, default_scheduler
 
 
-def random_crops(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """One independent random height x width crop per image of the batch."""
-    h, w = images.shape[-2:]
-    tops = torch.randint(0, h - height + 1, (len(images),)).tolist()
-    lefts = torch.randint(0, w - width + 1, (len(images),)).tolist()
-    return torch.stack([img[:, y:y + height, x:x + width] for img, y, x in zip(images, tops, lefts)])
+class WithTimestep(Dataset):
+    """Each image with the diffusion step it is noised to, drawn uniformly in [0, steps): inside
+    `SeededSamples`, keyed on (seed, epoch, image) like its flip, crop and noise."""
+
+    def __init__(self, images: Dataset, steps: int):
+        self.images, self.steps = images, steps
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index]
+        return {"images": image, "t": torch.randint(self.steps, ())}
 
 
 @register_teacher_trainer
 class TeacherTraining(TeacherTrainer):
-    """batch of images in [-1, 1] -> {"loss": MSE(eps_pred, eps)} at uniformly drawn steps."""
+    """batch {"images" in [-1, 1] (randomly cropped to `teacher_train.crop`), "t", "noise_seed"} ->
+    {"loss": MSE(eps_pred, eps)}."""
 
     kind = "ddpm"
     summary = "a diffusion U-Net (the default)"
@@ -48,11 +59,18 @@ class TeacherTraining(TeacherTrainer):
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
         self.total_steps = config.teacher_train.max_steps
 
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.config.teacher_train.crop:
-            images = random_crops(images, *self.config.teacher_train.crop)
-        noise = torch.randn_like(images)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
+    @classmethod
+    def image_folder(cls, data, config: Config) -> ImageFolder:
+        crop = config.teacher_train.crop or None  # the object scale of the whole frame, at a fraction of the cost
+        return ImageFolder(data, config.data.resolution, hflip=config.data.hflip, crop=crop)
+
+    @classmethod
+    def dataset(cls, images: ImageFolder, config: Config) -> Dataset:
+        return WithTimestep(images, config.diffusion.num_train_timesteps)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, t = batch["images"], batch["t"]
+        noise = seeded_noise(batch["noise_seed"], images)
         alphas = self.noise_scheduler.alphas_cumprod.to(images.device)[t].view(-1, 1, 1, 1)
         noisy = alphas.sqrt() * images + (1 - alphas).sqrt() * noise
         loss = F.mse_loss(self.unet(noisy, t).sample, noise)
@@ -60,7 +78,10 @@ class TeacherTraining(TeacherTrainer):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA follows every step here, not in on_train_batch_end, which Lightning calls after the
+        # checkpoint callback: a checkpoint then held the EMA one update behind its weights
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.unet)
 
     def configure_optimizers(self):

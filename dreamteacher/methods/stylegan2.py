@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamteacher.core.config import Config
+from dreamteacher.data.sampling import seeded_noise
 from dreamteacher.methods.base import TeacherTrainer, register_teacher_trainer
 from dreamteacher.nn.optim import fused_adam
 from dreamteacher.teachers.stylegan2 import (
@@ -92,14 +93,26 @@ class GanTraining(TeacherTrainer):
         self.discriminator = Discriminator(config.gan, config.data.resolution)
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
 
-    def latents(self, batch: int) -> torch.Tensor:
-        return torch.randn(batch, self.config.gan.z_dim, device=self.device)
+    def latents(self, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The z of the discriminator's and of the generator's step, from each sample's seed."""
+        both = seeded_noise(seeds, torch.empty(len(seeds), 2, self.config.gan.z_dim, device=self.device))
+        return both[:, 0], both[:, 1]
 
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # the generator's per-layer noise comes from the global generator: seeded from this batch's
+        # own sample seeds, so that a resumed run draws it as an uninterrupted one did
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(batch["noise_seed"][0]) % 2**63)
+            return self.train_iteration(batch)
+
+    def train_iteration(self, batch: dict) -> torch.Tensor:
         g = self.config.gan
+        images = batch["images"]
         opt_g, opt_d = self.optimizers()
         iteration = self.global_step // 2
-        fake = self.generator(self.latents(len(images)))[0].detach()
+        z_d, z_g = self.latents(batch["noise_seed"])
+        fake = self.generator(z_d)[0].detach()
         d_loss = F.softplus(self.discriminator(fake)).mean() + F.softplus(-self.discriminator(images)).mean()
         if g.r1_gamma > 0 and iteration % g.r1_every == 0:
             real = images.detach().requires_grad_(True)
@@ -108,7 +121,7 @@ class GanTraining(TeacherTrainer):
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
         opt_d.step()
-        g_loss = F.softplus(-self.discriminator(self.generator(self.latents(len(images)))[0])).mean()
+        g_loss = F.softplus(-self.discriminator(self.generator(z_g)[0])).mean()
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_g.step()

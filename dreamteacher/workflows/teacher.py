@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from dreamteacher.analysis.pictures import save_grid
 from dreamteacher.core.config import build_config, merge_overrides
 from dreamteacher.core.runs import TEACHER, RunFolder
-from dreamteacher.data.images import ImageFolder
+from dreamteacher.data.sampling import SeededSamples
 from dreamteacher.engine import trainer as engine
 from dreamteacher.engine.trainer import RunResult
 from dreamteacher.methods.base import TEACHER_TRAINERS
@@ -39,7 +38,7 @@ def save_atomically(folder: Path, save) -> Path:
 
 def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
                   overrides: list[str] | dict | None = None, resume: bool = False,
-                  progress: bool = True, kind: str = "ddpm", **sections: dict) -> RunResult:
+                  progress: bool = True, kind: str = "ddpm", callbacks: list = (), **sections: dict) -> RunResult:
     """Train a teacher on an unlabeled image folder; writes `out/teacher/`, checkpoints, logs and the
     resolved config. `kind="ddpm"`: a diffusers DDPMPipeline of the EMA weights; `kind="stylegan2"`:
     the EMA generator (`generator.safetensors` + `stylegan2.json`, settings in the `gan` section).
@@ -50,24 +49,23 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     trainer_cls = TEACHER_TRAINERS.get(kind)
     run = RunFolder(out)
     config = resolve_config(run, preset, merge_overrides(overrides, sections), resume)
-    dataset = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    images = trainer_cls.image_folder(data, config)
     trainer_cls.check_config(config)
     ckpt = run.start(resume)
     run.save_config(config)
     engine.seed_everything(config.trainer.seed)
     tt = config.teacher_train
     steps_per_iteration = trainer_cls.optimizer_steps_per_iteration
+    # every sample's order, flip, crop, noise and t keyed on (seed, epoch, image): exact resumes
+    dataset = SeededSamples(trainer_cls.dataset(images, config), config.trainer.seed, noise=True)
     trainer = engine.build_trainer(teacher_trainer(config), run.path, tt.max_steps * steps_per_iteration,
-                                   tt.batch_size, progress)
-    loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size")
+                                   tt.batch_size, progress, callbacks)
+    loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size",
+                                seed=config.trainer.seed)
     module = trainer_cls(config)
     result = engine.fit(run, trainer, module, loader, ckpt)
     result.steps //= steps_per_iteration
     result.resumed_at = [step // steps_per_iteration for step in result.resumed_at]
-    if result.resumed_at:
-        warnings.warn(f"the teacher in {run.path} was resumed at step(s) {result.resumed_at}: its data order, flips "
-                      "and noise were drawn anew there, so it is not bit-identical to an uninterrupted run's and "
-                      "scores downstream can differ by points (run.json: `resumed_at`)", stacklevel=2)
     result.files["teacher"] = run / TEACHER
     if trainer.is_global_zero:
         save_atomically(run / TEACHER, module.save_teacher)
@@ -79,7 +77,7 @@ def summary(result: RunResult, method: str, epochs: float, **extra) -> dict:
     """`RUN/run.json`: what finished, in how many steps, epochs and seconds (all resumed parts)."""
     resumed = {"resumed_at": result.resumed_at} if result.resumed_at else {}
     return {"method": method, "status": "finished", "steps": result.steps, "epochs": round(epochs, 2),
-            "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+            "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "precision": result.precision,
             "files": {k: str(v) for k, v in result.files.items()}, **resumed, **extra}
 
 
