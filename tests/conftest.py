@@ -23,7 +23,8 @@ TINY = [
     "encode.t=50", "encode.blocks=[0,2,4]",
     "student.backbone=test_resnet", "student.regressor_channels=32",
     "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1",
-    "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=1", "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.checkpoint_every_n_steps=1",
+    "trainer.log_every_n_steps=1",
 ]
 
 

@@ -33,7 +33,7 @@ def test_dotted_overrides_and_base_presets():
     ("data.resolution=[72,96]", "divisible by 16"),
     ("loss.at_weight=-1", "setting 'loss.at_weight' must be >= 0, got -1.0"),
     ("loss.whiten=channel", "loss.whiten must be 'pixel' or 'layer', got 'channel'"),
-    ("teacher_train.precision=bf8", "teacher_train.precision must be one of 32-true, bf16-mixed"),
+    ("teacher_train.precision=bf8", "teacher_train.precision must be one of auto, 32-true, bf16-mixed"),
     ("trainer.precision=half", "trainer.precision must be one of"),
     ("denoise.crop=[48,64]", "denoise.crop must be .height, width. within data.resolution .* divisible by 32"),
     ("optim=3", "is a section"),

@@ -9,7 +9,6 @@ the first epoch (image decoding, allocator warm-up, compilation) is run but not 
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import tempfile
 import time
@@ -22,6 +21,7 @@ from PIL import Image
 
 from dreamteacher.core.config import build_config
 from dreamteacher.core.errors import UserError
+from dreamteacher.core.hardware import cpu_info, resolve_precision
 from dreamteacher.core.runs import write_text_atomic
 from dreamteacher.data.sampling import seeded_noise
 from dreamteacher.workflows.pretrain import prepare_pretraining
@@ -84,7 +84,7 @@ def _autocast(device: torch.device, precision: str):
 def time_parts(job, device: torch.device, epochs: int = 2) -> dict:
     """Seconds per step of each part alone, over the batches of the last of `epochs` loader passes."""
     module = job.module
-    precision = job.config.trainer.precision
+    precision = resolve_precision(job.config.trainer.precision, job.config.trainer.accelerator)[0]
     for _ in range(epochs - 1):  # warm pass: decodes images into the in-memory cache
         for _ in job.loader:
             pass
@@ -211,13 +211,13 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
         whole = time_training(online, epochs)
         whole_memory = _peak_memory_mb(torch_device)
 
-        cpu_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        cpu_name = f"cpu ({cpu_info()['model']}, {torch.get_num_threads()} threads)"
         results = {
             "device": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name,
             "torch": torch.__version__, "preset": preset, "teacher": teacher_desc, "data": data_desc,
             "student": config.student.backbone, "resolution": config.data.resolution, "batch_size": batch,
             "encode": {"t": config.encode.t, "blocks": config.encode.blocks, "mode": config.encode.mode},
-            "trainer": {"precision": config.trainer.precision, "channels_last": config.trainer.channels_last,
+            "trainer": {"precision": resolve_precision(config.trainer.precision, config.trainer.accelerator)[0], "channels_last": config.trainer.channels_last,
                         "compile": config.trainer.compile, "num_workers": config.data.num_workers,
                         "reuse_host_memory": config.trainer.reuse_host_memory},
             "timed_steps": steps,

@@ -132,8 +132,9 @@ class OptimConfig(Section):
             raise UserError(f"optim.betas must be [beta1, beta2], got {self.betas}")
 
 
-# Lightning's precision names (and their short forms)
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "bf16", "16", "64")
+# Lightning's precision names (and their short forms), and "auto": bf16-mixed where the hardware runs
+# bf16 natively, 32-true elsewhere (core/hardware.py)
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "bf16", "16", "64")
 
 
 LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
@@ -150,7 +151,9 @@ class TrainerConfig(Section):
     devices: Any = "auto"
     num_nodes: int = bounded(1, low=1)
     strategy: str = "auto"  # "ddp" for many GPUs or CPU processes
-    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    # "auto": bf16-mixed on GPUs of compute capability >= 8.0 and CPUs with avx512_bf16 or AMX,
+    # 32-true elsewhere (one line says which was chosen); or any Lightning precision
+    precision: str = "auto"
     sync_batchnorm: bool = False  # BatchNorm over the global batch in multi-GPU runs (CUDA only)
     channels_last: bool = False  # pretraining: NHWC student and its images (the teacher stays NCHW: GroupNorm)
     compile: bool = False  # pretraining: torch.compile student, regressor and the teacher block by block

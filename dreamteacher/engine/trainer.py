@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dreamteacher.core.config import TrainerConfig
 from dreamteacher.core.errors import Diverged, UserError
+from dreamteacher.core.hardware import resolve_precision, say
 from dreamteacher.core.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, RunFolder, atomic_write
 from dreamteacher.data.sampling import EpochKeySampler, SeededSamples
 from dreamteacher.nn.weights import non_finite_tensors
@@ -261,6 +262,9 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
                   progress: bool = True, callbacks: list[Callback] = ()) -> L.Trainer:
     if t.reuse_host_memory:
         reuse_host_memory()
+    precision, why = resolve_precision(t.precision, t.accelerator)
+    if t.precision == "auto" and rank_zero_only.rank == 0:
+        say(f"precision: auto -> {precision} ({why})")
     keep_previous_logs(run_dir)
     ckpt_cb = ModelCheckpoint(dirpath=Path(run_dir) / CHECKPOINT_DIR, save_last=True, save_top_k=0,
                               every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=False)
@@ -270,7 +274,7 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
                  *callbacks]
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, sync_batchnorm=t.sync_batchnorm,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=precision, sync_batchnorm=t.sync_batchnorm,
         logger=loggers, plugins=[AtomicCheckpointIO()],
         callbacks=callbacks, default_root_dir=run_dir, log_every_n_steps=t.log_every_n_steps,
         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
@@ -280,14 +284,16 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
 
 class ResumeMidEpoch(Callback):
     """Lightning restarts an interrupted epoch from its first batch; with an `EpochKeySampler` the
-    epoch instead continues after the global batches already trained."""
+    epoch instead continues after the global batches already trained (a module stepping several
+    optimizers per batch, a GAN, says so in `optimizer_steps_per_iteration`)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, EpochKeySampler):
             return
-        trained = trainer.global_step - trainer.current_epoch * trainer.num_training_batches
+        batches = trainer.global_step // getattr(pl_module, "optimizer_steps_per_iteration", 1)
+        trained = batches - trainer.current_epoch * trainer.num_training_batches
         if 0 < trained < trainer.num_training_batches:
             sampler.resume_at = (trainer.current_epoch, trained * loader.batch_size)
 
@@ -327,6 +333,7 @@ class RunResult:
     final_loss: float | None
     files: dict[str, Path] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
+    precision: str = ""  # what it trained in (`auto` resolved)
 
 
 def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: DataLoader,
@@ -353,4 +360,4 @@ def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: D
     final_loss = float(loss) if loss is not None else (run.summary() or {}).get("final_loss")
     progress = step_progress(trainer)
     return RunResult(run.path, run.checkpoint, trainer.global_step, progress.seconds, final_loss,
-                     resumed_at=list(progress.resumed_at))
+                     resumed_at=list(progress.resumed_at), precision=str(trainer.precision))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dreamteacher.core.config import Config, Section, bounded, register_section
+from dreamteacher.core.hardware import resolve_precision
 from dreamteacher.core.errors import UserError
 from dreamteacher.data.augment import DistillationViews
 from dreamteacher.data.features import FeatureSpec
@@ -168,11 +169,17 @@ class DTFeat(PretrainMethod):
     def on_fit_start(self) -> None:
         self.place(self.device)
 
+    def run_precision(self) -> str:
+        """The precision this run trains in (`auto` resolved), from its trainer when it has one."""
+        trainer = self._trainer
+        return str(trainer.precision) if trainer is not None else \
+            resolve_precision(self.config.trainer.precision, self.config.trainer.accelerator)[0]
+
     def place(self, device: torch.device) -> None:
         """Student on `device` in the configured memory format; the teacher beside it, see `place_teacher`."""
         self.to(device=device, memory_format=self.memory_format)
         if self.teacher is not None:
-            place_teacher(self.teacher, device, self.config.trainer.precision)
+            place_teacher(self.teacher, device, self.run_precision())
 
     def student_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Regressor outputs paired with the teacher's features, in the teacher's block order."""
