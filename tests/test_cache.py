@@ -29,7 +29,7 @@ def setup(root: Path, teacher_dir: Path, count: int = 6, t: int = 50):
 
 def test_cache_holds_k_teacher_encodings_in_fp16(tmp_path, tiny_teacher_dir):
     images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
-    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, images, encodings=2, device=CPU,
+    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, encodings=2, device=CPU,
                       progress=False)
     arrays = [np.load(tmp_path / "cache" / f"block{s.block}.npy") for s in teacher.feature_specs]
     assert [a.shape for a in arrays] == [(6, 2, s.channels, 32 // s.stride, 32 // s.stride)
@@ -51,30 +51,30 @@ def test_cache_holds_k_teacher_encodings_in_fp16(tmp_path, tiny_teacher_dir):
 def test_cache_is_reused_and_refused_when_its_inputs_changed(tmp_path, tiny_teacher_dir):
     images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
     folder = tmp_path / "cache"
-    open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    open_cache(folder, tiny_teacher_dir, teacher, dataset, 1, CPU, progress=False)
     stamp = (folder / "meta.json").stat().st_mtime_ns
-    open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    open_cache(folder, tiny_teacher_dir, teacher, dataset, 1, CPU, progress=False)
     assert (folder / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
     other_t = api.load_teacher(tiny_teacher_dir, build_config(None, TINY + ["encode.t=20"]))
     with pytest.raises(UserError, match=r"t: cached 50, now 20.*--rebuild-cache"):
-        open_cache(folder, tiny_teacher_dir, other_t, dataset, images, 1, CPU, progress=False)
+        open_cache(folder, tiny_teacher_dir, other_t, dataset, 1, CPU, progress=False)
     other_blocks = api.load_teacher(tiny_teacher_dir, build_config(None, TINY + ["encode.blocks=[0,2]"]))
     with pytest.raises(UserError, match="blocks"):
-        open_cache(folder, tiny_teacher_dir, other_blocks, dataset, images, 1, CPU, progress=False)
+        open_cache(folder, tiny_teacher_dir, other_blocks, dataset, 1, CPU, progress=False)
     with pytest.raises(UserError, match="encodings: cached 1, now 3"):
-        open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 3, CPU, progress=False)
+        open_cache(folder, tiny_teacher_dir, teacher, dataset, 3, CPU, progress=False)
     write_images(images, count=7)  # one more image
     grown = ImageFolder(images, [32, 32], hflip=False)
     with pytest.raises(UserError, match="images"):
-        open_cache(folder, tiny_teacher_dir, teacher, grown, images, 1, CPU, progress=False)
+        open_cache(folder, tiny_teacher_dir, teacher, grown, 1, CPU, progress=False)
     retrained = next(tiny_teacher_dir.rglob("*.safetensors"))  # other weights, same everything else
     tensors = __import__("safetensors.torch", fromlist=["load_file"]).load_file(retrained)
     __import__("safetensors.torch", fromlist=["save_file"]).save_file(
         {k: v + 1 if i == 0 else v for i, (k, v) in enumerate(tensors.items())}, retrained)
     with pytest.raises(UserError, match="teacher"):
-        open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
-    meta = open_cache(folder, tiny_teacher_dir, teacher, grown, images, 1, CPU, rebuild=True, progress=False)
+        open_cache(folder, tiny_teacher_dir, teacher, dataset, 1, CPU, progress=False)
+    meta = open_cache(folder, tiny_teacher_dir, teacher, grown, 1, CPU, rebuild=True, progress=False)
     assert meta["key"]["num_images"] == 7
 
 
@@ -91,18 +91,18 @@ def test_a_killed_build_is_never_read(tmp_path, tiny_teacher_dir, monkeypatch):
         return real_encode(*args, **kwargs)
 
     monkeypatch.setattr(teacher, "encode", dies_on_second_batch)
-    key = cache_key(tiny_teacher_dir, teacher, dataset, images, 1)
+    key = cache_key(tiny_teacher_dir, teacher, dataset, 1)
     with pytest.raises(KeyboardInterrupt):
         build_cache(folder, teacher, dataset, key, CPU, batch_size=4, progress=False)
     assert not folder.exists() and read_meta(folder) is None  # only the .partial sibling was written
     monkeypatch.setattr(teacher, "encode", real_encode)
-    meta = open_cache(folder, tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    meta = open_cache(folder, tiny_teacher_dir, teacher, dataset, 1, CPU, progress=False)
     assert meta["key"] == key and not folder.with_name("cache.partial").exists()
 
 
 def test_cached_sample_flips_image_and_features_together(tmp_path, tiny_teacher_dir):
     images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
-    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, 1, CPU, progress=False)
     flipping = CachedFeatures(ImageFolder(images, [32, 32], hflip=True), tmp_path / "cache", meta)
     stored = [np.load(tmp_path / "cache" / f"block{s.block}.npy")[3, 0] for s in teacher.feature_specs]
     original = uint8_to_unit(dataset.load(3))
@@ -155,7 +155,7 @@ def test_crop_scale_crops_image_and_cached_features_by_one_box_and_jitter_touche
     assert torch.allclose(coarse[0, 0, 1:], half[0, 0].view(4, 4).mean(1)[1:], atol=1e-5)
 
     images, dataset, teacher = setup(tmp_path, tiny_teacher_dir)
-    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, images, 1, CPU, progress=False)
+    meta = open_cache(tmp_path / "cache", tiny_teacher_dir, teacher, dataset, 1, CPU, progress=False)
     cached = CachedFeatures(ImageFolder(images, [32, 32], hflip=False), tmp_path / "cache", meta)
     views = DistillationViews(cached, [0.25, 0.25], color_jitter=0.4)
     torch.manual_seed(0)

@@ -4,11 +4,13 @@ run resumes; bad input is one line (many processes: test_distributed.py)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,7 +72,7 @@ def test_teacher_trains_in_its_own_precision(tmp_path, monkeypatch):
     assert main(["train-teacher", "--data", str(images), "--out", str(tmp_path / "teacher"), "--no-progress",
                  *sets("teacher_train.precision=bf16-mixed")]) == 0
     assert precisions == ["bf16-mixed"]
-    assert "precision: 32-true" in (tmp_path / "teacher" / "config.yaml").read_text()
+    assert "precision: 32-true" in (tmp_path / "teacher" / "config.yaml").read_text()  # the student's, untouched
     unet = DDPMPipeline.from_pretrained(tmp_path / "teacher" / "teacher").unet
     assert next(unet.parameters()).dtype == torch.float32
     with open(tmp_path / "teacher" / "logs" / "metrics.csv") as f:
@@ -78,19 +80,55 @@ def test_teacher_trains_in_its_own_precision(tmp_path, monkeypatch):
     assert len(losses) == 3 and np.isfinite(losses).all()
 
 
-def test_a_resumed_teacher_says_so_and_records_where(tmp_path, trained):
-    """Teacher training draws its data order, flips and noise from the global generator: a resume
-    cannot replay them, so the run says it was resumed (a warning and `resumed_at` in run.json) instead
-    of passing for an uninterrupted teacher. A run trained in one go records nothing."""
-    out = tmp_path / "teacher"
-    assert main(["train-teacher", "--data", str(trained / "images"), "--out", str(out), "--no-progress", *sets()]) == 0
-    assert "resumed_at" not in json.loads((out / "run.json").read_text())
-    with pytest.warns(UserWarning, match=r"resumed at step\(s\) \[3\].*not bit-identical"):
-        assert main(["train-teacher", "--data", str(trained / "images"), "--out", str(out), "--resume",
-                     "--no-progress", "--set", "teacher_train.max_steps=5"]) == 0
-    record = json.loads((out / "run.json").read_text())
-    assert record["steps"] == 5 and record["resumed_at"] == [3]
-    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 5
+TEACHER_KILLER = """
+import os, signal, sys
+import lightning as L
+import dreamteacher.engine.trainer as engine
+
+real_build = engine.build_trainer
+
+class KillAt(L.Callback):  # a real SIGKILL, right after the checkpoint of step `at` is on disk
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= int(os.environ["KILL_AT"]):
+            trainer.save_checkpoint(trainer.checkpoint_callback.dirpath + "/last.ckpt")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def build_trainer(t, run_dir, max_steps, global_batch, progress=True, callbacks=()):
+    return real_build(t, run_dir, max_steps, global_batch, progress, [*callbacks, KillAt()])
+
+engine.build_trainer = build_trainer
+from dreamteacher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("kind,extra,kill_at,files", [
+    ("ddpm", ["teacher_train.crop=[16,16]"], 3, ["teacher/unet/diffusion_pytorch_model.safetensors"]),
+    ("stylegan2", ["gan.channels=[32,16,16]", "gan.z_dim=16", "gan.w_dim=16", "gan.mapping_layers=1",
+                   "teacher_train.precision=32-true"], 6, ["teacher/generator.safetensors"]),
+])
+def test_a_killed_teacher_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, kind, extra, kill_at, files):
+    """The teacher's data order, flips, crops, noise and t (a GAN's z) are keyed on (seed, epoch, image)
+    like a pretraining's: a run SIGKILLed mid-epoch and resumed ends bit-identical to one trained in one
+    go, and records where it was resumed."""
+    images = write_images(tmp_path / "images", count=10)  # batch 4: 2 steps an epoch, the kill lands mid-epoch 1
+    args = ["train-teacher", "--kind", kind, "--data", str(images), "--no-progress",
+            *sets("teacher_train.max_steps=5", *extra)]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    env = {**os.environ, "KILL_AT": str(kill_at)}
+    killed = subprocess.run([sys.executable, "-c", TEACHER_KILLER, *args, "--out", str(tmp_path / "cut")],
+                            cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "cut" / "teacher").exists()
+    assert main(["train-teacher", "--kind", kind, "--data", str(images), "--out", str(tmp_path / "cut"), "--resume",
+                 "--no-progress"]) == 0
+    record = json.loads((tmp_path / "cut" / "run.json").read_text())
+    steps_per_iteration = 2 if kind == "stylegan2" else 1
+    assert record["steps"] == 5 and record["resumed_at"] == [kill_at // steps_per_iteration]
+    assert "resumed_at" not in json.loads((tmp_path / "whole" / "run.json").read_text())
+    for name in files:
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_sample_writes_a_png_grid(trained):
@@ -161,7 +199,7 @@ def test_python_api_runs_the_workflow_and_returns_results(trained, tmp_path):
                       data={"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
                             "num_workers": 0},
                       model={"decoder_channels": 32}, optim={"iterations": 2, "batch_size": 2},
-                      trainer={"accelerator": "cpu"})
+                      trainer={"accelerator": "cpu", "precision": "32-true"})
     assert seg.steps == 2 and seg.init["backbone_init"] == "pretrained" and seg.init["backbone"] == "test_resnet"
     scores = dt.evaluate(seg.run_dir, images, masks)
     assert 0 <= scores.miou <= 100 and len(scores.per_class) == NUM_CLASSES
@@ -186,7 +224,7 @@ def test_finetune_initializes_from_the_export_not_at_random(trained, tmp_path, m
                 overrides={"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
                                     "num_workers": 0},
                            "model": {"decoder_channels": 32}, "optim": {"iterations": 1, "batch_size": 2},
-                           "trainer": {"accelerator": "cpu"}})
+                           "trainer": {"accelerator": "cpu", "precision": "32-true"}})
     _, weights, _ = read_backbone_export(export)
     assert start and all(torch.equal(start[k], weights[k]) for k in start)
 

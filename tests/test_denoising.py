@@ -104,7 +104,7 @@ def test_ddep_freezes_the_encoder_and_its_batchnorm_statistics(dep_run, tmp_path
 
 
 FINETUNE = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
-            "model": {"head": "unet"}, "optim": {"iterations": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu"}}
+            "model": {"head": "unet"}, "optim": {"iterations": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu", "precision": "32-true"}}
 
 
 def test_finetune_starts_from_the_pretrained_decoder(dep_run, tmp_path, monkeypatch):

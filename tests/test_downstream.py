@@ -25,7 +25,7 @@ from dreamteacher.core.errors import UserError
 FINETUNE = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
             "model": {"backbone": "test_resnet", "decoder_channels": 32},
             "optim": {"name": "adamw", "lr": 1e-3, "iterations": 3, "batch_size": 2},
-            "trainer": {"accelerator": "cpu", "checkpoint_every_n_steps": 1, "log_every_n_steps": 1}}
+            "trainer": {"accelerator": "cpu", "precision": "32-true", "checkpoint_every_n_steps": 1, "log_every_n_steps": 1}}
 
 
 @pytest.fixture
@@ -495,7 +495,7 @@ def test_bench_label_guided_rows_train_an_interpreter_per_fraction(scenes, tmp_p
                                               "ignore_index": IGNORE, "num_workers": 0},
                                      "encode": {"t": 50, "blocks": spec["pretrain_overrides"]["encode"]["blocks"]},
                                      "interpreter": {"width": 32}, "optim": {"epochs": 2, "batch_size": 2},
-                                     "trainer": {"accelerator": "cpu"}}
+                                     "trainer": {"accelerator": "cpu", "precision": "32-true"}}
     recipe.write_text(yaml.safe_dump(spec))
     with pytest.warns(UserWarning):  # the 2-image split lacks a class
         result = bench(recipe, tmp_path / "bench", progress=False)

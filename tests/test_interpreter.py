@@ -73,7 +73,7 @@ def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, 
     settings = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
                          "num_workers": 0},
                 "encode": {"t": 50, "blocks": [0, 2, 4]}, "interpreter": {"width": 32},
-                "optim": {"epochs": 4, "warmup_epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu"}}
+                "optim": {"epochs": 4, "warmup_epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu", "precision": "32-true"}}
     result = train_interpreter(tiny_teacher_dir, images, masks, tmp_path / "interp", progress=False,
                                overrides=settings)
     assert result.steps == 12 and result.absent_classes == []  # 6 images x 4 epochs / batch 2
@@ -94,7 +94,7 @@ def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, 
     args = ["interpreter", "--teacher", str(tiny_teacher_dir), "--images", str(images), "--masks", str(masks),
             "--out", str(tmp_path / "cli"), "--no-progress", "--set", "optim.epochs=1", "--set", "data.num_workers=0",
             "--set", "data.resolution=[32,32]", "--set", "encode.blocks=[0,2,4]", "--set", "interpreter.width=32",
-            "--set", "trainer.accelerator=cpu", "--set", "optim.batch_size=2", "--num-classes", str(NUM_CLASSES),
+            "--set", "trainer.accelerator=cpu", "--set", "trainer.precision=32-true", "--set", "optim.batch_size=2", "--num-classes", str(NUM_CLASSES),
             "--ignore-index", str(IGNORE)]
     assert main(args) == 0
     assert main(["evaluate", str(tmp_path / "cli"), "--images", str(images), "--masks", str(masks)]) == 0
@@ -112,7 +112,7 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
                       overrides={"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE,
                                           "num_workers": 0},
                                  "encode": {"t": 50, "blocks": [0, 2, 4]}, "interpreter": {"width": 32},
-                                 "optim": {"epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu"}})
+                                 "optim": {"epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu", "precision": "32-true"}})
     unlabeled = write_images(tmp_path / "unlabeled")
     run = api.pretrain(unlabeled, tmp_path / "mix", method="dt-mix", interpreter=tmp_path / "interp", overrides=TINY,
                        progress=False)  # the teacher comes from the interpreter
@@ -144,7 +144,7 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
         {k[len("segmentation_head."):]: v for k, v in decoder.items() if k.startswith("segmentation_head.")}, strict=True)
     seg = dict(data={"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},
                model={"head": "upernet", "decoder_channels": 32}, optim={"iterations": 1, "batch_size": 2},
-               trainer={"accelerator": "cpu"})
+               trainer={"accelerator": "cpu", "precision": "32-true"})
     tuned = ft.finetune(run.files["backbone"], images, masks, tmp_path / "seg", decoder=run.files["decoder"],
                         progress=False, **seg)
     assert tuned.init["decoder_init"] == "pretrained" and tuned.init["decoder_random_layers"] == []

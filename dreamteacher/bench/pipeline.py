@@ -19,6 +19,10 @@ from dreamteacher.workflows.interpreter import build_interpreter_config, train_i
 from dreamteacher.workflows.pretrain import build_feature_cache, pretrain, read_summary
 from dreamteacher.workflows.teacher import train_teacher, untrained_teacher
 
+# teachers trained with keyed samples (data order, flips, crops, noise and t from seed, epoch and
+# image), which resume exactly; the teachers before it were trained from the global generator
+TEACHER_DATA = "keyed-samples"
+
 # the inputs a pretraining stage takes from another stage, and what of that stage it passes
 STAGE_INPUTS = {"teacher": "teacher", "encoder": "backbone"}
 
@@ -53,7 +57,7 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
     trainer_cls = TEACHER_TRAINERS.get(spec["train_teacher"])
     preset, overrides = bench.pretrain_config(spec.get("overrides", name))
     config = build_config(preset, overrides)
-    unlabeled = bench.path("unlabeled")
+    unlabeled = bench.unlabeled()
     architecture = {section: None for section in trainer_cls.sections}
     if spec.get("untrained"):
         key = digest(name, key_settings(config, {"data": ("resolution",), **architecture, "trainer": ("seed",)}))
@@ -63,8 +67,9 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
             path = untrained_teacher(folder, preset, overrides, seed=config.trainer.seed, kind=trainer_cls.kind)
             return {"teacher": str(path), "seconds": time.perf_counter() - start, "steps": 0, "epochs": 0}
     else:
-        key = digest(name, key_settings(config, {"data": None, **architecture, "teacher_train": None,
-                                                 "trainer": ("seed",)}), folder_fingerprint(unlabeled))
+        # every section the teacher's training reads; TEACHER_DATA: its samples are keyed (exact resumes)
+        key = digest(name, TEACHER_DATA, key_settings(config, {"data": None, **architecture, "teacher_train": None,
+                                                               "trainer": None}), bench.unlabeled_fingerprint())
 
         def run(folder: Path, resume: bool) -> dict:
             bench.log(f"[bench] training the {trainer_cls.kind} teacher in {folder}")
@@ -89,9 +94,9 @@ def cache_stage(bench: Bench, teacher: dict, preset: str | None, overrides: dict
     """The offline feature cache of `teacher` on the unlabeled images (K encodings per image),
     shared by every stage that distills this teacher with these encoding settings."""
     config = build_config(preset, overrides)
-    unlabeled = bench.path("unlabeled")
+    unlabeled = bench.unlabeled()
     key = digest("cache", FORMAT_VERSION, teacher["key"], key_settings(config, {"encode": None, "data": ("resolution",)}),
-                 folder_fingerprint(unlabeled))
+                 bench.unlabeled_fingerprint())
     name = f"cache-{Path(teacher['teacher']).parent.name}-{key[:8]}"
     if name in bench.computed:
         return bench.computed[name]
@@ -139,7 +144,7 @@ def pretrain_stage(bench: Bench, name: str, spec: dict, fraction: str | None, al
     method = METHODS.get(spec["method"])
     preset, overrides = bench.pretrain_config(spec.get("overrides", name))
     config = build_config(preset, overrides)
-    unlabeled = bench.path("unlabeled")
+    unlabeled = bench.unlabeled()
     upstream: dict[str, dict] = {}
     for input_name in STAGE_INPUTS:
         if input_name in spec:
@@ -165,7 +170,7 @@ def pretrain_stage(bench: Bench, name: str, spec: dict, fraction: str | None, al
         upstream["cache"] = cache
         parts["cache"] = {"seconds": cache["seconds"]}  # each row that reads it would have had to build it
     key = digest("pretrain", name, method.name, {k: v["key"] for k, v in upstream.items()},
-                 key_settings(config, {section: None for section in method.sections}), folder_fingerprint(unlabeled))
+                 key_settings(config, {section: None for section in method.sections}), bench.unlabeled_fingerprint())
     folder = bench.runs / (f"pretrain-{name}" + (f"-{fraction}" if per_fraction(bench, name) else ""))
 
     def run(folder: Path, resume: bool) -> dict:

@@ -23,9 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
+from dreamteacher.core.config import build_config
 from dreamteacher.core.errors import UserError
+from dreamteacher.core.hashing import folder_fingerprint
+from dreamteacher.data.images import list_images
+from dreamteacher.data.labeled import find_mask, load_mask, read_split
 from dreamteacher.methods.base import METHODS
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -41,7 +46,7 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(recipe: str | Path) -> dict:
+def recipe_path(recipe: str | Path) -> Path:
     path = Path(recipe)
     if not path.suffix:
         path = RECIPE_DIR / f"{recipe}.yaml"
@@ -50,10 +55,31 @@ def load_recipe(recipe: str | Path) -> dict:
                             "or give a recipe .yaml path")
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
+    return path
+
+
+def load_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe's settings, on top of those of the recipe it names as `base:` (a name or a path
+    relative to it), merged section by section; lists (rows, fractions) are replaced whole, and a key
+    set to null is removed."""
+    path = recipe_path(recipe).resolve()
+    if path in _seen:
+        raise UserError(f"recipe {path}: a base: cycle ({' -> '.join(p.name for p in (*_seen, path))})")
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"recipe {path}: not a mapping of settings")
+    base = spec.pop("base", None)
+    if base is not None:
+        base_path = Path(base) if Path(base).suffix else base
+        if isinstance(base_path, Path) and not base_path.is_absolute():
+            base_path = path.parent / base_path
+        spec = deep_merge(load_recipe(base_path, (*_seen, path)), spec)
+    if _seen:
+        return spec
+    spec = without_nulls(spec)
     for key in ("name", "data", "rows", "iterations", "seeds"):
         if key not in spec:
             raise UserError(f"recipe {path}: missing '{key}'")
@@ -69,6 +95,11 @@ def deep_merge(*layers: dict) -> dict:
             else:
                 merged[key] = value
     return merged
+
+
+def without_nulls(spec: dict) -> dict:
+    """A derived recipe removes a key of its base by setting it to null (e.g. an evaluation set)."""
+    return {k: without_nulls(v) if isinstance(v, dict) else v for k, v in spec.items() if v is not None}
 
 
 def eval_sets(spec: dict, root: Path, extra_images: str | Path | None = None,
@@ -134,6 +165,23 @@ class Bench:
             raise UserError(f"recipe data '{key}' not found: {path} (set --data-root)")
         return path
 
+    def unlabeled(self) -> Path | list[Path]:
+        """The pretraining images: `data.unlabeled`, one folder or a list of folders used together
+        (relative to the data root)."""
+        listed = self.spec["data"]["unlabeled"]
+        folders = [self.data_root / f for f in (listed if isinstance(listed, list) else [listed])]
+        for folder in folders:
+            if not folder.is_dir():
+                raise UserError(f"recipe data 'unlabeled' not found: {folder} (set --data-root)")
+        return folders if isinstance(listed, list) else folders[0]
+
+    def unlabeled_fingerprint(self) -> list:
+        """What the pretraining images are, for stage keys: names and contents of every file."""
+        unlabeled = self.unlabeled()
+        if isinstance(unlabeled, list):
+            return [folder_fingerprint(folder) for folder in unlabeled]
+        return folder_fingerprint(unlabeled)
+
     def overrides(self, *layers: dict | None) -> dict:
         """The recipe's override layers for a stage, with the bench's device settings on top."""
         return deep_merge(*(layer or {} for layer in layers), DEVICE_SETTINGS[self.device])
@@ -142,8 +190,14 @@ class Bench:
         """The pretraining preset and overrides, `method_overrides[overrides_name]` on top when given,
         and the recipe's live probe (its folders relative to the data root; it changes no result)."""
         layer = (self.spec.get("method_overrides") or {}).get(overrides_name) if overrides_name else None
-        return self.spec.get("pretrain_preset"), self.overrides(self.spec.get("pretrain_overrides"), layer,
-                                                                self.probe_settings())
+        preset = self.spec.get("pretrain_preset")
+        overrides = self.overrides(self.spec.get("pretrain_overrides"), layer, self.probe_settings())
+        steps_images = self.spec.get("pretrain_steps_for_images")
+        if steps_images:  # the optimizer steps of `epochs` over that many images, whatever this dataset's size
+            optim = build_config(preset, overrides).optim
+            steps = optim.epochs * max(1, int(steps_images) // optim.batch_size)
+            overrides = deep_merge(overrides, {"optim": {"max_steps": steps}})
+        return preset, overrides
 
     def probe_settings(self) -> dict:
         probe = dict(self.spec.get("probe") or {})
@@ -162,3 +216,43 @@ class Bench:
             return {"method": name}
         known = ", ".join([*stages, *(m for m in METHODS if m not in stages)])
         raise UserError(f"recipe row or stage '{name}' is neither a stage of the recipe nor a method; known: {known}")
+
+
+def check_labels(bench: Bench, num_classes: int, ignore_index: int) -> None:
+    """Before any stage runs: every split file exists and names images that have label maps, every
+    image of every evaluation set has its label map, and the label values found fit the recipe's
+    class count (ids 0..num_classes-1, or the ignore id; and every class id up to the last one
+    present somewhere). One line naming the file and the mismatch otherwise."""
+    images, masks = bench.path("images"), bench.path("masks")
+    labeled: dict[str, Path] = {}
+    for fraction, relative in bench.spec["data"]["splits"].items():
+        split = bench.data_root / relative
+        if not split.is_file():
+            raise UserError(f"recipe split {fraction}: file not found: {split}")
+        for name in read_split(split):
+            if not (images / name).is_file():
+                raise UserError(f"split file {split} names {name}, which is not in {images}")
+            labeled[name] = find_mask(masks, name)
+    to_check = [(path, f"split images of {images}") for path in labeled.values()]
+    for set_name, (set_images, set_masks) in bench.eval_sets.items():
+        for path in list_images(set_images):
+            try:
+                to_check.append((find_mask(set_masks, str(path.relative_to(set_images))), f"evaluation set {set_name}"))
+            except UserError:
+                raise UserError(f"evaluation set {set_name}: image {path} has no label map in {set_masks}") from None
+    class_names = bench.spec["data"].get("class_names")
+    if class_names and len(class_names) != num_classes:
+        raise UserError(f"recipe data.class_names names {len(class_names)} classes but num_classes is {num_classes}")
+    highest = -1
+    for path, where in to_check:
+        values = np.unique(load_mask(path))
+        bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+        if bad.size:
+            raise UserError(f"label map {path} ({where}) holds class ids {bad[:5].tolist()} outside 0..{num_classes - 1} "
+                            f"(ignore id {ignore_index}): the recipe's num_classes / ignore_index do not match the labels")
+        kept = values[values != ignore_index]
+        highest = max(highest, int(kept.max()) if kept.size else -1)
+    if highest < num_classes - 1:
+        raise UserError(f"the label maps in {masks} and the evaluation sets hold class ids up to {highest} only, but the "
+                        f"recipe's num_classes is {num_classes} (ignore id {ignore_index}): the class count does not "
+                        "match the labels")

@@ -160,10 +160,12 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     labeled = {s["fraction"]: s["labeled"] for s in summary_all}
     pre, fine = meta["pretrain"], meta["finetune"]
     chosen = meta.get("settings_chosen_on")
+    unlabeled = meta["data"]["unlabeled"]
+    unlabeled = unlabeled if isinstance(unlabeled, list) else [unlabeled]
     lines = [
         f"# Benchmark `{meta['recipe']}`",
         "",
-        f"- Data: unlabeled pretraining images `{meta['data']['unlabeled']}/` of `{meta['data']['root']}`; "
+        f"- Data: unlabeled pretraining images {' + '.join(f'`{u}/`' for u in unlabeled)} of `{meta['data']['root']}`; "
         f"fine-tuning labels from the splits {', '.join(f'`{v}`' for v in meta['data']['splits'].values())}; "
         f"evaluation (mIoU over classes, at label resolution) on {_eval_text(meta, names)}.",
     ]
@@ -171,6 +173,11 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         others = ", ".join(f"`{n}`" for n in names if n != chosen)
         lines.append(f"- Settings are chosen on `{chosen}` scores only" + (f"; {others} is reported, never chosen on."
                                                                          if others else "."))
+    if meta.get("settings_from"):
+        lines.append(f"- Settings: {meta['settings_from']}")
+    if meta.get("pretrain_steps_for_images"):
+        lines.append(f"- Every pretraining stage runs the optimizer steps of its epochs over "
+                     f"{meta['pretrain_steps_for_images']} images, whatever the number of images here.")
     lines += [
         f"- Resolution: {meta['image_size'][0]}x{meta['image_size'][1]} (pretraining "
         f"{pre['resolution'][0]}x{pre['resolution'][1]}); backbone {meta['backbone']}.",
@@ -182,8 +189,11 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         f"{fine['batch_size']}, {fine['optimizer']} lr {fine['lr']}, UperNet width {fine['decoder_channels']}; "
         f"seeds per fraction {meta['seeds']}.",
         f"- Machine: {meta['machine']['cpus']} CPU threads"
+        + (f" ({meta['machine']['cpu']}, bf16 {meta['machine'].get('cpu_bf16')})" if meta['machine'].get('cpu') else "")
         + (f", {meta['machine']['cuda']}" if meta['machine'].get('cuda') else ", no GPU")
-        + f", torch {meta['machine']['torch']}; every stage ran on the {meta.get('device', 'cpu').upper()}.",
+        + f", torch {meta['machine']['torch']}; every stage ran on the {meta.get('device', 'cpu').upper()}. Cells are "
+        "bit-identical on the same CPU kind only: another CPU gives other digits (and, without native bf16, an fp32 "
+        "teacher).",
         "",
         "mIoU (0-100), mean ± sample std over seeds (number of seeds in brackets), one table per evaluation "
         "set. `upernet` and `unet` "
@@ -220,7 +230,8 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     if carried:
         lines += ["", f"{carried} cells carried over from the previous results.json: their work folders were not "
                   "on disk when this table was written (`carried_over` in results.json)."]
-    lines += ["", f"Regenerate: `dreamteacher bench {meta['recipe']} --out DIR` (finished cells are reused)."]
+    command = meta.get("command") or f"dreamteacher bench {meta['recipe']} --out DIR"
+    lines += ["", f"Regenerate: `{command}` (finished cells are reused)."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,6 @@ recomputes exactly what it touches.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from dreamteacher.bench.recipes import (
     FRACTIONS,
     Bench,
     cell_key,
+    check_labels,
     eval_sets,
     load_recipe,
     row_key,
@@ -31,6 +31,7 @@ from dreamteacher.bench.recipes import (
 from dreamteacher.bench.report import write_results
 from dreamteacher.core.config import build_config
 from dreamteacher.core.errors import UserError
+from dreamteacher.core.hardware import machine_summary
 from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.workflows.finetune import build_finetune_config
 
@@ -75,6 +76,8 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
         if row["method"] != SCRATCH_ROW:
             bench_.stage_spec(row["method"])
     wanted_fractions = select([f for f in FRACTIONS if f in spec["data"]["splits"]], fractions, "fractions")
+    fine = build_finetune_config(spec.get("finetune_preset"), bench_.overrides(spec.get("finetune_overrides")))
+    check_labels(bench_, fine.data.num_classes, fine.data.ignore_index)  # before any stage runs
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: list[dict] = []
@@ -98,6 +101,7 @@ def bench(recipe: str | Path, out: str | Path, eval_images: str | Path | None = 
     order = {row_key(r): i for i, r in enumerate(spec["rows"])}
     results.sort(key=lambda made: order.get(row_key(made), len(order)))  # the recipe's row order
     meta = bench_meta(spec, bench_, root, time.perf_counter() - started)
+    meta["command"] = "dreamteacher bench " + (str(recipe) if Path(recipe).suffix else str(recipe)) + f" --out {out}"
     files = write_results(out, meta, results)
     return BenchResult(out, results, files)
 
@@ -174,6 +178,8 @@ def bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
                                       "about": (spec["data"].get("eval_about") or {}).get(name, "")}
                                for name, (images, masks) in bench_.eval_sets.items()}},
         "settings_chosen_on": spec.get("settings_chosen_on"),
+        "settings_from": spec.get("settings_from"),
+        "pretrain_steps_for_images": spec.get("pretrain_steps_for_images"),
         "class_names": spec["data"].get("class_names"),
         "pretrain": {"preset": spec.get("pretrain_preset"), "resolution": pre.data.resolution,
                      "student": pre.student.backbone,
@@ -184,7 +190,6 @@ def bench_meta(spec: dict, bench_: Bench, root: Path, seconds: float) -> dict:
                      "decoder_channels": fine.model.decoder_channels},
         "seeds": spec["seeds"],
         "device": bench_.device,
-        "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine_summary(),
         "bench_seconds_this_invocation": round(seconds, 1),
     }

@@ -25,7 +25,7 @@ STARTED_FILE = "stage-inputs.json"
 # Settings that change how fast a stage runs or what it reports, not what it computes: left out of
 # stage keys (the live probe measures a copy of the backbone under its own random state).
 EXECUTION_ONLY = {"trainer": ("channels_last", "compile", "sync_batchnorm", "cudnn_benchmark", "reuse_host_memory",
-                              "loggers", "mlflow_uri", "experiment"),
+                              "loggers", "mlflow_uri", "experiment", "log_every_n_steps", "checkpoint_every_n_steps"),
                   "probe": None}
 
 __all__ = ["EXECUTION_ONLY", "Stage", "digest", "folder_fingerprint", "key_settings"]

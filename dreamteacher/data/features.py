@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dreamteacher.core.errors import UserError
-from dreamteacher.core.hashing import files_fingerprint
+from dreamteacher.core.hashing import file_digest
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
 
 META_FILE = "meta.json"
@@ -35,10 +35,11 @@ class FeatureSpec:
     stride: int
 
 
-def images_fingerprint(dataset: ImageFolder, root: Path) -> str:
+def images_fingerprint(dataset: ImageFolder) -> str:
     """Names and content digests of the images, in dataset order (the cache is indexed like the
     dataset): an image replaced by another of the same name and size changes it."""
-    return hashlib.sha256(json.dumps(files_fingerprint(dataset.paths, root)).encode()).hexdigest()[:16]
+    named = [(name, file_digest(path)) for name, path in zip(dataset.names, dataset.paths)]
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
 
 
 def read_meta(folder: Path) -> dict | None:

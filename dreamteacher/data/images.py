@@ -98,16 +98,29 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
+def as_sources(data: str | Path | list | tuple) -> list[Path]:
+    """`data` as a list of sources (a folder, or several together)."""
+    return [Path(d) for d in data] if isinstance(data, (list, tuple)) else [Path(data)]
+
+
 class ImageFolder(Dataset):
     """Images in [-1, 1], CHW, at a fixed resolution; random horizontal flip when `hflip`, then a
     random [height, width] `crop` of the resized image when given (the object scale is kept).
 
+    `folder` is one folder or a list of them (their images together, in the order given). `names`
+    says which image each index is: its path relative to its folder (prefixed `i/` with several).
     Small folders are decoded once and kept in memory (they are re-read every epoch otherwise).
     """
 
-    def __init__(self, folder: str | Path, resolution: list[int], hflip: bool = True,
+    def __init__(self, folder: str | Path | list, resolution: list[int], hflip: bool = True,
                  cache_in_memory: bool | None = None, crop: list[int] | None = None):
-        self.paths = list_images(folder, resolution)
+        sources = as_sources(folder)
+        self.paths, self.names = [], []
+        for i, source in enumerate(sources):
+            listed = list_images(source, resolution)
+            self.paths += listed
+            prefix = f"{i}/" if len(sources) > 1 else ""
+            self.names += [prefix + str(path.relative_to(source)) for path in listed]
         self.height, self.width = resolution
         self.hflip = hflip
         self.crop = crop

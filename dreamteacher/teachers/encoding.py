@@ -37,11 +37,10 @@ def teacher_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder, root: Path,
-              encodings: int) -> dict:
+def cache_key(teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder, encodings: int) -> dict:
     return {"version": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher_path), "t": teacher.t,
             "mode": teacher.mode, "blocks": list(teacher.blocks), "resolution": [dataset.height, dataset.width],
-            "images": images_fingerprint(dataset, root), "num_images": len(dataset), "encodings": encodings}
+            "images": images_fingerprint(dataset), "num_images": len(dataset), "encodings": encodings}
 
 
 @torch.no_grad()
@@ -87,15 +86,14 @@ def build_cache(folder: Path, teacher: DiffusionTeacher, dataset: ImageFolder, k
 
 
 def open_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder,
-               data_root: str | Path, encodings: int, device: torch.device, rebuild: bool = False,
-               progress: bool = True) -> dict:
+               encodings: int, device: torch.device, rebuild: bool = False, progress: bool = True) -> dict:
     """The cache's meta, after building it when absent (or when `rebuild`); refused when stale."""
-    folder, root = Path(folder), Path(data_root)
+    folder = Path(folder)
     if encodings < 1:
         raise UserError(f"encode.cache_encodings must be at least 1, got {encodings}")
     if folder.is_file():
         raise UserError(f"--cache must be a folder, not the file {folder}")
-    key = cache_key(teacher_path, teacher, dataset, root, encodings)
+    key = cache_key(teacher_path, teacher, dataset, encodings)
     meta = read_meta(folder)
     if meta is not None and not rebuild:
         check_key(folder, meta, key)
@@ -106,11 +104,11 @@ def open_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionT
 
 
 def wait_for_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder,
-                   data_root: str | Path, encodings: int, poll_seconds: float = 2.0) -> dict:
+                   encodings: int, poll_seconds: float = 2.0) -> dict:
     """The other processes of a multi-process run: wait until rank 0 has built the cache for these
     inputs (torchrun and SLURM stop the whole job if rank 0 fails)."""
     folder = Path(folder)
-    key = cache_key(teacher_path, teacher, dataset, Path(data_root), encodings)
+    key = cache_key(teacher_path, teacher, dataset, encodings)
     while True:
         meta = read_meta(folder)
         if meta is not None and meta["key"] == key:

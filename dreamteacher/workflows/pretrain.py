@@ -84,7 +84,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     ckpt = run.start(resume)  # before a cache build: a refused run costs nothing
     dataset = images
     if inputs.cache is not None:
-        dataset = cached_dataset(inputs, images, data, config, rebuild_cache, progress)
+        dataset = cached_dataset(inputs, images, config, rebuild_cache, progress)
         inputs.feature_specs = dataset.specs
         inputs.teacher_model = None  # training reads the cache; the teacher is not needed on any device
     dataset = SeededSamples(method_cls.dataset(dataset, config, inputs), config.trainer.seed,
@@ -189,7 +189,7 @@ def encoding_device(config: Config) -> torch.device:
     return torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def cached_dataset(inputs: PretrainInputs, images: ImageFolder, data, config: Config, rebuild: bool,
+def cached_dataset(inputs: PretrainInputs, images: ImageFolder, config: Config, rebuild: bool,
                    progress: bool) -> CachedFeatures:
     """The images paired with their cached teacher features; rank 0 builds a missing cache while the
     other processes of a torchrun/SLURM job wait for it."""
@@ -198,10 +198,10 @@ def cached_dataset(inputs: PretrainInputs, images: ImageFolder, data, config: Co
                         "feature cache (no --cache)")
     encodings = config.encode.cache_encodings
     if rank_zero_only.rank == 0:
-        meta = open_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, data, encodings,
+        meta = open_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, encodings,
                           encoding_device(config), rebuild=rebuild, progress=progress)
     else:
-        meta = wait_for_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, data, encodings)
+        meta = wait_for_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, encodings)
     return CachedFeatures(images, inputs.cache, meta)
 
 
@@ -216,7 +216,7 @@ def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path
     images = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
     existed = read_meta(Path(cache)) is not None
     start = time.perf_counter()
-    cached_dataset(inputs, images, data, config, rebuild=False, progress=progress)
+    cached_dataset(inputs, images, config, rebuild=False, progress=progress)
     return 0.0 if existed else time.perf_counter() - start
 
 
