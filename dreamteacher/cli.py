@@ -20,14 +20,11 @@ from dreamteacher.export.checkpoints import FORMATS
 from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.nn.segmenters import HEADS
 from dreamteacher.viz.report import write_report
-from dreamteacher.workflows.finetune import available_finetune_presets
-from dreamteacher.workflows.interpreter import available_interpreter_presets
 
 
 def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False, kind: str | None = None) -> None:
-    presets = available_finetune_presets if finetune else \
-        available_interpreter_presets if kind == "interpreter" else available_presets
-    p.add_argument("--preset", help=f"named preset: {', '.join(presets())}")
+    presets = available_presets("finetune" if finetune else "interpreter" if kind == "interpreter" else "pretrain")
+    p.add_argument("--preset", help=f"named preset, or a preset .yaml file: {', '.join(presets)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set optim.epochs=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")

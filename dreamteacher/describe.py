@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dreamteacher.core.config import SCHEMA_KEY
 from dreamteacher.core.errors import UserError
-from dreamteacher.core.runs import SEGMENTER, SEGMENTER_INFO, SUMMARY, TEACHER, RunFolder, read_json
+from dreamteacher.core.runs import SEGMENTER, SEGMENTER_INFO, TEACHER, RunFolder, read_json
 from dreamteacher.data.features import META_FILE
 from dreamteacher.export.checkpoints import read_checkpoint
 from dreamteacher.methods.base import METHODS
@@ -34,9 +35,15 @@ def _parts(state: dict[str, torch.Tensor], depth: int = 1) -> dict[str, int]:
 
 
 def _config_summary(config: dict) -> dict[str, Any]:
-    return {"resolution": config["data"]["resolution"], "student": config["student"]["backbone"],
-            "t": config["encode"]["t"], "blocks": config["encode"]["blocks"], "optimizer": config["optim"]["name"],
-            "batch_size": config["optim"]["batch_size"], "epochs": config["optim"]["epochs"]}
+    """The settings that say what a pretraining was (a run holds the sections its method reads: `encode`
+    only where it distills a teacher's features)."""
+    summary = {"resolution": config["data"]["resolution"], "student": config["student"]["backbone"]}
+    if "encode" in config:
+        summary.update(t=config["encode"]["t"], blocks=config["encode"]["blocks"])
+    optim = config.get("optim", {})
+    summary.update({k: optim[v] for k, v in (("optimizer", "name"), ("batch_size", "batch_size"), ("epochs", "epochs"))
+                    if v in optim})
+    return summary
 
 
 def checkpoint_info(path: Path) -> dict[str, Any]:
@@ -173,11 +180,15 @@ def run_info(folder: Path) -> dict[str, Any]:
                 "gib": round(meta["bytes"] / 2**30, 3), "use": "dreamteacher pretrain ... --cache PATH"}
     if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
         return {"kind": "diffusers model folder", "path": str(folder), "use": "--teacher PATH"}
-    ckpt = RunFolder(folder).checkpoint
+    run = RunFolder(folder)
+    saved = run.saved_config()  # refuses settings of a newer schema, naming the file
+    if saved is not None:
+        info["settings_schema"] = saved.get(SCHEMA_KEY, 1)
+    ckpt = run.checkpoint
     if ckpt.is_file():
         info.update({k: v for k, v in checkpoint_info(ckpt).items() if k not in ("kind", "path")})
         info["checkpoint"] = str(ckpt)
-    info["finished"] = read_json(folder / SUMMARY) or False
+    info["finished"] = run.summary() or False
     files = [p.name for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".pth", ".pkl")]
     if (folder / TEACHER).is_dir():
         try:

@@ -32,7 +32,7 @@ def test_dotted_overrides_and_base_presets():
     ("encode.blocks=[1,1]", "encode.blocks"),
     ("data.resolution=[72,96]", "divisible by 16"),
     ("loss.at_weight=-1", "setting 'loss.at_weight' must be >= 0, got -1.0"),
-    ("loss.whiten=channel", "loss.whiten must be 'pixel' or 'layer', got 'channel'"),
+    ("lab.whiten=channel", "lab.whiten must be 'pixel' or 'layer', got 'channel'"),
     ("teacher_train.precision=bf8", "teacher_train.precision must be one of auto, 32-true, bf16-mixed"),
     ("trainer.precision=half", "trainer.precision must be one of"),
     ("denoise.crop=[48,64]", "denoise.crop must be .height, width. within data.resolution .* divisible by 32"),
@@ -57,3 +57,81 @@ def test_values_are_coerced_to_the_field_type():
         build_config("cpu-small", ["optim.epochs=many"])
     with pytest.raises(UserError, match="setting 'encode.blocks' expects a list"):
         build_config("cpu-small", ["encode.blocks=3"])
+
+
+# -- settings that belong to their method (issue 41) ----------------------------------------------
+
+def test_a_run_holds_the_sections_its_method_reads_and_refuses_others(tmp_path, tiny_teacher_dir, capsys):
+    import yaml
+
+    from conftest import TINY, write_images
+    from dreamteacher.cli import main
+    from dreamteacher.methods.base import METHODS
+
+    images = write_images(tmp_path / "images")
+    sets = sum((["--set", s] for s in TINY if not s.startswith(("diffusion.", "teacher_train."))), [])
+    args = ["pretrain", "--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress", *sets]
+    assert main([*args, "--out", str(tmp_path / "student")]) == 0
+    saved = yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())
+    assert saved.pop("schema") == 2
+    assert list(saved) == list(METHODS.get("dt-feat").config_sections())
+    assert "gan" not in saved and "denoise" not in saved and "teacher_train" not in saved
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "other"), "--set", "gan.r1_gamma=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("dreamteacher pretrain: error: --method dt-feat does not read the 'gan' section (it reads data, "
+                   "encode, student, loss, optim, trainer, lab, probe); a setting of gan.* would be ignored")
+    assert not (tmp_path / "other").exists()
+
+
+def test_presets_serve_every_run_kind_but_user_settings_must_be_read():
+    from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
+
+    mocov3 = METHODS.get("mocov3")
+    config = build_config("camvid-cpu", None, sections=mocov3.config_sections(), owner=mocov3.owner())
+    assert config.names == mocov3.config_sections()  # the preset's teacher_train, encode and loss left out
+    with pytest.raises(AttributeError, match="have no 'encode' section"):
+        config.encode
+    with pytest.raises(UserError, match="--method mocov3 does not read the 'loss' section"):
+        build_config("camvid-cpu", ["loss.at_weight=1"], sections=mocov3.config_sections(), owner=mocov3.owner())
+    ddpm = TEACHER_TRAINERS.get("ddpm")
+    assert ddpm.config_sections() == ("data", "diffusion", "teacher_train", "trainer")
+    with pytest.raises(UserError, match="train-teacher --kind ddpm does not read the 'optim' section"):
+        build_config("cpu-small", ["optim.epochs=3"], sections=ddpm.config_sections(), owner=ddpm.owner())
+
+
+def every_field_changed(value):
+    """Another value of the same type (the key must notice it)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, value[-1] if value else 1]
+    return f"{value}-changed"
+
+
+def test_a_stage_key_covers_every_setting_of_every_section_its_run_reads():
+    """The bench keys a stage on the settings of its run's config, which holds exactly the sections
+    its method or teacher kind reads: a changed setting of any of them (the execution-only ones
+    aside) changes the key, and nothing else can be read."""
+    import copy
+
+    from dreamteacher.bench.stages import EXECUTION_ONLY, key_settings
+    from dreamteacher.core.config import Config
+    from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
+
+    for kind in [*METHODS.items(), *TEACHER_TRAINERS.items()]:
+        cls = kind[1]
+        config = Config(cls.config_sections(), cls.owner())
+        base_key = key_settings(config)
+        for section in config.names:
+            skipped = EXECUTION_ONLY.get(section, ())
+            if skipped is None:
+                continue
+            for field_name, value in config.to_dict()[section].items():
+                if field_name in skipped:
+                    continue
+                changed = copy.deepcopy(config)
+                setattr(getattr(changed, section), field_name, every_field_changed(value))
+                assert key_settings(changed) != base_key, f"{cls.owner()}: {section}.{field_name} is not in its key"

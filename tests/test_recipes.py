@@ -143,3 +143,38 @@ def test_a_class_count_above_the_labels_and_a_base_cycle_are_refused(second, tmp
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(UserError, match="base: cycle"):
         load_recipe(tmp_path / "a.yaml")
+
+
+def stage_keys(recipe: Path, out: Path, monkeypatch) -> dict[str, str]:
+    """Every stage's and cell's key, nothing trained (benchmarks/experiments/stage_keys.py's stub)."""
+    from dreamteacher.bench import cells, runner, stages
+
+    keys: dict[str, str] = {}
+
+    def stub(self, allow_run=True):
+        keys[self.folder.name] = self.key
+        return {"key": self.key, "done": True, "seconds": 0.0, "steps": 0, "epochs": 0, "iterations": 0,
+                "labeled": 0, "teacher": str(self.folder / "teacher"), "backbone": "b", "cache": "c",
+                "interpreter": "i", "run": "r", "initialized": "none"}
+
+    monkeypatch.setattr(stages.Stage, "result", stub)
+    monkeypatch.setattr(cells, "score", lambda *a, **k: {"miou": 0.0, "per_class": [], "pixel_accuracy": 0.0,
+                                                          "scores": {}, "inference_gflops": 0})
+    monkeypatch.setattr(runner, "write_results", lambda out, meta, rows: {})
+    bench(recipe, out, progress=False)
+    return keys
+
+
+def test_a_stage_is_redone_when_a_setting_it_reads_changes_and_only_then(second, monkeypatch):
+    spec = yaml.safe_load(second.read_text())
+    before = stage_keys(second, second.parent / "k", monkeypatch)
+    assert {"teacher-untrained", "pretrain-dt-feat-untrained"} <= set(before)
+    for layer, changed in (({"loss": {"at_weight": 3}}, {"pretrain-dt-feat-untrained"}),
+                           ({"gan": {"r1_gamma": 3}}, set()),  # a section dt-feat does not read
+                           ({"trainer": {"log_every_n_steps": 7}}, set()),  # execution only
+                           ({"data": {"hflip": False}}, {"pretrain-dt-feat-untrained"})):
+        second.write_text(yaml.safe_dump({**spec, "method_overrides": {"dt-feat-untrained": layer}}))
+        after = stage_keys(second, second.parent / "k", monkeypatch)
+        moved = {name for name in before if name in after and after[name] != before[name] and
+                 not name.endswith(tuple(f"seed{s}" for s in range(3)))}
+        assert moved == changed, layer

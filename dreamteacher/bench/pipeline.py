@@ -10,13 +10,13 @@ from pathlib import Path
 
 from dreamteacher.bench.recipes import Bench
 from dreamteacher.bench.stages import Stage, digest, folder_fingerprint, key_settings
-from dreamteacher.core.config import build_config
+from dreamteacher.core.config import build_config, only_sections
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.runs import SEGMENTER_INFO, read_json
 from dreamteacher.data.features import FORMAT_VERSION
 from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.workflows.interpreter import build_interpreter_config, train_interpreter
-from dreamteacher.workflows.pretrain import build_feature_cache, pretrain, read_summary
+from dreamteacher.workflows.pretrain import CACHE_SECTIONS, build_feature_cache, pretrain, read_summary
 from dreamteacher.workflows.teacher import train_teacher, untrained_teacher
 
 # teachers trained with keyed samples (data order, flips, crops, noise and t from seed, epoch and
@@ -56,9 +56,10 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
     """A teacher trained on the unlabeled images (`train-teacher --kind`), or left untrained."""
     trainer_cls = TEACHER_TRAINERS.get(spec["train_teacher"])
     preset, overrides = bench.pretrain_config(spec.get("overrides", name))
-    config = build_config(preset, overrides)
+    overrides = only_sections(overrides, trainer_cls.config_sections())  # the recipe's layers serve every stage
+    config = build_config(preset, overrides, sections=trainer_cls.config_sections(), owner=trainer_cls.owner())
     unlabeled = bench.unlabeled()
-    architecture = {section: None for section in trainer_cls.sections}
+    architecture = {section: None for section in trainer_cls.architecture}
     if spec.get("untrained"):
         key = digest(name, key_settings(config, {"data": ("resolution",), **architecture, "trainer": ("seed",)}))
 
@@ -67,9 +68,9 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
             path = untrained_teacher(folder, preset, overrides, seed=config.trainer.seed, kind=trainer_cls.kind)
             return {"teacher": str(path), "seconds": time.perf_counter() - start, "steps": 0, "epochs": 0}
     else:
-        # every section the teacher's training reads; TEACHER_DATA: its samples are keyed (exact resumes)
-        key = digest(name, TEACHER_DATA, key_settings(config, {"data": None, **architecture, "teacher_train": None,
-                                                               "trainer": None}), bench.unlabeled_fingerprint())
+        # every section the teacher's training reads (its config holds those alone); TEACHER_DATA: its
+        # samples are keyed (exact resumes)
+        key = digest(name, TEACHER_DATA, key_settings(config), bench.unlabeled_fingerprint())
 
         def run(folder: Path, resume: bool) -> dict:
             bench.log(f"[bench] training the {trainer_cls.kind} teacher in {folder}")
@@ -93,7 +94,8 @@ def teacher_stage(bench: Bench, name: str, spec: dict, allow_run: bool) -> dict 
 def cache_stage(bench: Bench, teacher: dict, preset: str | None, overrides: dict, allow_run: bool) -> dict | None:
     """The offline feature cache of `teacher` on the unlabeled images (K encodings per image),
     shared by every stage that distills this teacher with these encoding settings."""
-    config = build_config(preset, overrides)
+    config = build_config(preset, only_sections(overrides, CACHE_SECTIONS), sections=CACHE_SECTIONS,
+                          owner="the feature cache")
     unlabeled = bench.unlabeled()
     key = digest("cache", FORMAT_VERSION, teacher["key"], key_settings(config, {"encode": None, "data": ("resolution",)}),
                  bench.unlabeled_fingerprint())
@@ -142,8 +144,9 @@ def interpreter_stage(bench: Bench, teacher_name: str, fraction: str, seed: int,
 def pretrain_stage(bench: Bench, name: str, spec: dict, fraction: str | None, allow_run: bool) -> dict | None:
     """`pretrain --method` with the stage's inputs taken from other stages; its wall-clock counts theirs."""
     method = METHODS.get(spec["method"])
-    preset, overrides = bench.pretrain_config(spec.get("overrides", name))
-    config = build_config(preset, overrides)
+    preset, shared = bench.pretrain_config(spec.get("overrides", name))
+    overrides = only_sections(shared, method.config_sections())  # the recipe's layers serve every stage
+    config = build_config(preset, overrides, sections=method.config_sections(), owner=method.owner())
     unlabeled = bench.unlabeled()
     upstream: dict[str, dict] = {}
     for input_name in STAGE_INPUTS:
@@ -163,14 +166,15 @@ def pretrain_stage(bench: Bench, name: str, spec: dict, fraction: str | None, al
         parts["interpreter"] = {"seconds": interpreter["seconds"], "steps": interpreter["iterations"]}
     teacher = upstream.get("teacher")
     if method.reads_cache and bench.spec.get("feature_cache") and teacher and teacher.get("family") == "diffusion":
-        cache = cache_stage(bench, teacher, preset, overrides, allow_run)
+        cache = cache_stage(bench, teacher, preset, shared, allow_run)
         if cache is None:
             return None
         inputs["cache"] = cache["cache"]
         upstream["cache"] = cache
         parts["cache"] = {"seconds": cache["seconds"]}  # each row that reads it would have had to build it
-    key = digest("pretrain", name, method.name, {k: v["key"] for k, v in upstream.items()},
-                 key_settings(config, {section: None for section in method.sections}), bench.unlabeled_fingerprint())
+    # every section the method reads (its config holds those alone, the probe's execution-only)
+    key = digest("pretrain", name, method.name, {k: v["key"] for k, v in upstream.items()}, key_settings(config),
+                 bench.unlabeled_fingerprint())
     folder = bench.runs / (f"pretrain-{name}" + (f"-{fraction}" if per_fraction(bench, name) else ""))
 
     def run(folder: Path, resume: bool) -> dict:

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
-from dreamteacher.core.config import build_config
+from dreamteacher.core.config import available_presets, build_config, deep_merge, load_preset, register_preset_kind
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.hashing import folder_fingerprint
 from dreamteacher.data.images import list_images
@@ -42,64 +41,22 @@ FRACTIONS = ("1-30", "1-8", "1-4", "full")
 DEVICE_SETTINGS = {"cpu": {}, "gpu": {"trainer": {"accelerator": "gpu", "devices": 1}, "data": {"num_workers": 4}}}
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+register_preset_kind("recipe", RECIPE_DIR)
 
 
-def recipe_path(recipe: str | Path) -> Path:
-    path = Path(recipe)
-    if not path.suffix:
-        path = RECIPE_DIR / f"{recipe}.yaml"
-        if not path.is_file():
-            raise UserError(f"unknown recipe '{recipe}'; choose one of {', '.join(available_recipes())} "
-                            "or give a recipe .yaml path")
-    if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
-    return path
-
-
-def load_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """A recipe's settings, on top of those of the recipe it names as `base:` (a name or a path
-    relative to it), merged section by section; lists (rows, fractions) are replaced whole, and a key
-    set to null is removed."""
-    path = recipe_path(recipe).resolve()
-    if path in _seen:
-        raise UserError(f"recipe {path}: a base: cycle ({' -> '.join(p.name for p in (*_seen, path))})")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(spec, dict):
-        raise UserError(f"recipe {path}: not a mapping of settings")
-    base = spec.pop("base", None)
-    if base is not None:
-        base_path = Path(base) if Path(base).suffix else base
-        if isinstance(base_path, Path) and not base_path.is_absolute():
-            base_path = path.parent / base_path
-        spec = deep_merge(load_recipe(base_path, (*_seen, path)), spec)
-    if _seen:
-        return spec
-    spec = without_nulls(spec)
+def load_recipe(recipe: str | Path) -> dict:
+    """A recipe's settings (a name of `bench/recipes/` or a .yaml path), on top of those of the recipe it
+    names as `base:` (a name, or a path relative to it): merged section by section, lists (rows,
+    fractions) replaced whole, and a key set to null removed (core.config.load_preset)."""
+    spec = load_preset("recipe", recipe)
     for key in ("name", "data", "rows", "iterations", "seeds"):
         if key not in spec:
-            raise UserError(f"recipe {path}: missing '{key}'")
+            raise UserError(f"recipe {recipe}: missing '{key}'")
     return spec
 
 
-def deep_merge(*layers: dict) -> dict:
-    merged: dict = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = deep_merge(merged[key], value)
-            else:
-                merged[key] = value
-    return merged
-
-
-def without_nulls(spec: dict) -> dict:
-    """A derived recipe removes a key of its base by setting it to null (e.g. an evaluation set)."""
-    return {k: without_nulls(v) if isinstance(v, dict) else v for k, v in spec.items() if v is not None}
+def available_recipes() -> list[str]:
+    return available_presets("recipe")
 
 
 def eval_sets(spec: dict, root: Path, extra_images: str | Path | None = None,

@@ -20,6 +20,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+import warnings
 from typing import Any
 
 import yaml
@@ -85,22 +86,11 @@ def check_ranges(name: str, section: Section) -> None:
 class DataConfig(Section):
     resolution: list[int] = bounded(low=16, factory=lambda: [256, 256])  # [height, width]
     hflip: bool = True  # the only augmentation of the paper's pretraining (Table 17)
-    # distillation (dt-feat, dt-mix) only, both off by default (the paper's pretraining flips alone):
-    # [low, high]: a random crop of each image covering that fraction of its area at its aspect ratio,
-    # resized back to `resolution`, the teacher's features cropped and resized with it (scale jitter);
-    # [] = off
-    crop_scale: list[float] = bounded(low=0, high=1, low_open=True, factory=list)
-    # > 0: brightness, contrast and saturation jitter of that strength (hue a quarter of it) on the
-    # image the student sees; the teacher's features stay those of the unjittered image; 0 = off
-    color_jitter: float = bounded(0.0, low=0, high=1)
     num_workers: int = bounded(4, low=0)
 
     def check(self, config: Any) -> None:
         if len(self.resolution) != 2:
             raise UserError(f"data.resolution must be [height, width] of integers >= 16, got {self.resolution}")
-        if self.crop_scale and not (len(self.crop_scale) == 2 and self.crop_scale[0] <= self.crop_scale[1]):
-            raise UserError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1 (or [] for off), "
-                            f"got {self.crop_scale}")
 
 
 @dataclass
@@ -179,12 +169,19 @@ class TrainerConfig(Section):
 class Sections:
     """A config made of section dataclasses, built by `resolve_sections` from `section_types()`."""
 
-    @classmethod
-    def section_types(cls) -> dict[str, type]:
+    def section_types(self) -> dict[str, type]:
         """Section name -> its dataclass (the field's type: a section's default may come from a factory
         function that sets other defaults)."""
-        hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(type(self))
+        return {f.name: hints[f.name] for f in dataclasses.fields(self)}
+
+    def rebuild(self, **sections: Section) -> "Sections":
+        """The same kind of config holding `sections`."""
+        return type(self)(**sections)
+
+    def defaults(self) -> "Sections":
+        """The same kind of config at its defaults (what stage keys are measured against)."""
+        return type(self)()
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in self.section_types()}
@@ -196,12 +193,13 @@ class Sections:
             getattr(self, name).check(self)
 
 
-# name -> section dataclass of the pretraining / teacher `Config`, in registration order
+# name -> section dataclass of the pretraining / teacher settings, in registration order: the
+# catalogue each method and teacher kind picks the sections it reads from
 SECTIONS: Registry[type] = Registry("config section")
 
 
 def register_section(name: str, section_cls: type) -> type:
-    """Makes `section_cls` the `name` section of every `Config` (a method's or teacher's settings)."""
+    """Makes `section_cls` the `name` section (a method's or teacher's settings) that a `Config` may hold."""
     return SECTIONS.register(name, section_cls)
 
 
@@ -211,25 +209,50 @@ for _name, _cls in (("data", DataConfig), ("student", StudentConfig), ("optim", 
 
 
 class Config(Sections):
-    """The settings of a pretraining or teacher run: one attribute per registered section
-    (`config.data.resolution`, `config.denoise.sigma`, ...)."""
+    """The settings of one pretraining or teacher run: the sections its method or teacher kind reads
+    (`names`, registered by the modules they configure), as attributes (`config.data.resolution`,
+    `config.denoise.sigma`, ...). Without `names`, every registered section (the catalogue: tools that
+    describe settings rather than run them). `owner` names the run kind in messages."""
 
-    # the sections every module can rely on; the registered ones are attributes too
     data: DataConfig
     student: StudentConfig
     optim: OptimConfig
     trainer: TrainerConfig
 
-    def __init__(self, **sections: Section):
-        unknown = set(sections) - set(SECTIONS)
+    def __init__(self, names: typing.Iterable[str] | None = None, owner: str = "", **sections: Section):
+        names = tuple(names) if names is not None else tuple(SECTIONS)
+        unknown = [n for n in [*names, *sections] if n not in SECTIONS]
         if unknown:
-            raise TypeError(f"unknown config sections {sorted(unknown)}")
-        for name, cls in SECTIONS.items():
-            setattr(self, name, sections.get(name) or cls())
+            raise TypeError(f"unknown config sections {sorted(set(unknown))}")
+        extra = set(sections) - set(names)
+        if extra:
+            raise TypeError(f"sections {sorted(extra)} are not among {list(names)}")
+        self.__dict__["_names"], self.__dict__["_owner"] = names, owner
+        for name in names:
+            setattr(self, name, sections.get(name) or SECTIONS.get(name)())
 
-    @classmethod
-    def section_types(cls) -> dict[str, type]:
-        return dict(SECTIONS.items())
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in SECTIONS:
+            raise AttributeError(name)
+        raise AttributeError(f"the settings of {self._owner or 'this run'} have no '{name}' section "
+                             f"(they hold {', '.join(self._names)})")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    def section_types(self) -> dict[str, type]:
+        return {name: SECTIONS.get(name) for name in self._names}
+
+    def rebuild(self, **sections: Section) -> "Config":
+        return Config(self._names, self._owner, **sections)
+
+    def defaults(self) -> "Config":
+        return Config(self._names, self._owner)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and self.to_dict() == other.to_dict()
@@ -238,25 +261,196 @@ class Config(Sections):
         return f"Config({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
 
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+# -- settings files: schema versions and renamed settings ------------------------------------------
+
+# The version of the settings a run folder's config.yaml and run.json are written in. 1: before
+# versions were written (every registered section in every run, the lab options among the user
+# settings); 2: the sections the run's method reads, lab options under `lab`.
+SCHEMA_VERSION = 2
+SCHEMA_KEY = "schema"
+
+# Settings renamed or moved, old dotted name -> new (timm's register_model_deprecations, for
+# settings): saved run folders and old overrides keep loading; a user's old name warns once.
+RENAMED_SETTINGS: dict[str, str] = {
+    # schema 2: options measured on camvid-cpu and not adopted, out of the user settings (`lab`)
+    "data.crop_scale": "lab.crop_scale",
+    "data.color_jitter": "lab.color_jitter",
+    "loss.whiten": "lab.whiten",
+    "optim.backbone_lr_scale": "lab.backbone_lr_scale",
+    "model.norm_rescale": "lab.norm_rescale",
+}
 
 
-def _merge(base: dict, update: dict, where: str = "") -> dict:
-    """Deep-merge `update` into `base`, refusing keys that are not settings."""
-    for key, value in update.items():
+def rename_settings(layer: dict, warn: bool = False, where: str = "") -> dict:
+    """`layer` (nested sections) with every renamed setting under its new name."""
+    if not layer:
+        return layer
+    layer = copy.deepcopy(layer)
+    for old, new in RENAMED_SETTINGS.items():
+        old_section, old_field = old.split(".")
+        section = layer.get(old_section)
+        if not isinstance(section, dict) or old_field not in section:
+            continue
+        value = section.pop(old_field)
+        if not section:
+            layer.pop(old_section)
+        new_section, new_field = new.split(".")
+        layer.setdefault(new_section, {})[new_field] = value
+        if warn:
+            warnings.warn(f"setting '{old}' is now '{new}'{where}", DeprecationWarning, stacklevel=4)
+    return layer
+
+
+def split_schema(loaded: dict, path: Path | str) -> tuple[int, dict]:
+    """(schema version, sections) of a saved config; one line when it is from a newer version."""
+    loaded = dict(loaded or {})
+    version = loaded.pop(SCHEMA_KEY, 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(f"{path} was written by a newer dreamteacher (settings schema {version}; this one reads up to "
+                        f"{SCHEMA_VERSION}): upgrade dreamteacher to use this run folder")
+    return version, rename_settings(loaded)
+
+
+def with_schema(config: Sections) -> dict:
+    """What config.yaml holds: the schema version, then the sections."""
+    return {SCHEMA_KEY: SCHEMA_VERSION, **config.to_dict()}
+
+
+# -- presets: named YAML files, each on top of the preset it names as `base:` ----------------------
+
+PRESET_DIRS: dict[str, Path] = {"pretrain": PRESET_DIR, "finetune": PRESET_DIR / "finetune",
+                                "interpreter": PRESET_DIR / "interpreter"}
+
+
+def register_preset_kind(kind: str, folder: Path) -> None:
+    """A kind of layered settings file (bench recipes register theirs)."""
+    PRESET_DIRS[kind] = Path(folder)
+
+
+def available_presets(kind: str = "pretrain") -> list[str]:
+    """The named presets of `kind` (pretrain, finetune, interpreter, recipe): one listing for all."""
+    return sorted(p.stem for p in PRESET_DIRS[kind].glob("*.yaml"))
+
+
+def preset_path(kind: str, preset: str | Path) -> Path:
+    """A preset's file: a name of `kind`, or a path to a .yaml file."""
+    path = Path(preset)
+    if path.suffix:
+        if not path.is_file():
+            raise UserError(f"{kind} file not found: {path}")
+        return path
+    path = PRESET_DIRS[kind] / f"{preset}.yaml"
+    if not path.is_file():
+        what = "preset" if kind == "pretrain" else f"{kind} preset" if kind != "recipe" else "recipe"
+        raise UserError(f"unknown {what} '{preset}'; choose one of: {', '.join(available_presets(kind))}"
+                        + (" or give a .yaml path" if kind == "recipe" else ""))
+    return path
+
+
+def load_preset(kind: str, preset: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A preset's settings on top of those of the preset it names as `base:` (a name of the same kind,
+    or a .yaml path relative to it), merged section by section: lists are replaced whole, and a key
+    set to null removes what the base set."""
+    path = preset_path(kind, preset).resolve()
+    if path in _seen:
+        raise UserError(f"{path.name}: a base: cycle ({' -> '.join(p.name for p in (*_seen, path))})")
+    layer = dict(load_config_file(path))
+    base = layer.pop("base", None)
+    if base is not None:
+        if Path(str(base)).suffix and not Path(base).is_absolute():
+            base = path.parent / base
+        layer = deep_merge(load_preset(kind, base, (*_seen, path)), layer)
+    return layer if _seen else without_nulls(layer)
+
+
+def deep_merge(*layers: dict | None) -> dict:
+    """The layers merged in order, dicts key by key, anything else (lists, values, None) replaced; no
+    input is changed. The one merge of settings layers (presets, recipes, overrides)."""
+    merged: dict = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = deep_merge(merged[key], value)
+            else:
+                merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def without_nulls(layer: dict) -> dict:
+    return {k: without_nulls(v) if isinstance(v, dict) else v for k, v in layer.items() if v is not None}
+
+
+def only_sections(layer: dict | None, names: typing.Iterable[str]) -> dict:
+    """The sections of `layer` among `names` (a shared preset or recipe layer, for one run kind)."""
+    names = set(names)
+    return {k: v for k, v in (layer or {}).items() if k in names}
+
+
+# -- building a config ----------------------------------------------------------------------------
+
+def check_known(layer: dict, template: dict, where: str = "") -> None:
+    """Refuses names in `layer` that are not settings of `template` (with a did-you-mean hint)."""
+    for key, value in layer.items():
         name = f"{where}{key}"
-        if key not in base:
-            close = difflib.get_close_matches(key, list(base), n=1)
+        if key not in template:
+            close = difflib.get_close_matches(key, list(template), n=1)
             hint = f" (did you mean {where}{close[0]}?)" if close else ""
             raise UserError(f"unknown setting '{name}'{hint}")
-        if isinstance(base[key], dict):
+        if isinstance(template[key], dict):
             if not isinstance(value, dict):
                 raise UserError(f"setting '{name}' is a section; set its fields, e.g. {name}.<field>=...")
-            _merge(base[key], value, f"{name}.")
+            check_known(value, template[key], f"{name}.")
+
+
+def resolve_sections(template: Sections, layers: list[dict], strict: list[bool] | None = None) -> Sections:
+    """`template`'s kind of config, its defaults updated by each layer in turn: unknown names are
+    refused and values coerced to the fields' types. A layer not marked `strict` (a preset or a saved
+    run shared by several run kinds) may hold sections this config does not have: they are left out.
+    A strict layer (the user's overrides) naming such a section is refused in one line."""
+    resolved = template.to_dict()
+    types = template.section_types()
+    owner = getattr(template, "owner", "") or "this run"
+    for i, layer in enumerate(layers):
+        layer = layer or {}
+        foreign = [name for name in layer if name not in resolved]
+        if foreign and (strict or [False] * len(layers))[i]:
+            known = [name for name in foreign if name in SECTIONS]
+            if known:
+                raise UserError(f"{owner} does not read the '{known[0]}' section (it reads {', '.join(resolved)}); "
+                                f"a setting of {known[0]}.* would be ignored")
         else:
-            base[key] = value
-    return base
+            layer = {k: v for k, v in layer.items() if k in resolved or k not in SECTIONS}
+        check_known(layer, resolved)
+        resolved = deep_merge(resolved, layer)
+    return template.rebuild(**{name: section_cls(**{key: _coerce(f"{name}.{key}", value, hints[key])
+                                                    for key, value in resolved[name].items()})
+                               for name, section_cls in types.items()
+                               for hints in [typing.get_type_hints(section_cls)]})
+
+
+def build_config(preset: str | None = None, overrides: list[str] | dict | None = None,
+                 base: dict | None = None, sections: typing.Iterable[str] | None = None,
+                 owner: str = "") -> Config:
+    """Defaults <- `base` (a saved run config) <- preset file <- overrides, then validated. With
+    `sections` (what a method or teacher kind reads), the config holds those alone: the preset and
+    the saved config may hold others (they are left out), the overrides may not."""
+    template = Config(sections, owner)
+    base_layer = split_schema(base, "the saved config")[1] if base else {}
+    user = rename_settings(as_dict(overrides), warn=True)
+    layers = [base_layer, rename_settings(load_preset("pretrain", preset)) if preset else {}, user]
+    config = resolve_sections(template, layers, strict=[False, False, sections is not None])
+    config.validate()
+    return config
+
+
+def merge_overrides(overrides: list[str] | dict | None, extra: dict) -> list[str] | dict | None:
+    """`overrides` (dotted list or nested dict) with whole sections of `extra` merged in; no input mutated."""
+    if not extra:
+        return overrides
+    for section, values in extra.items():
+        if not isinstance(values, dict):
+            raise UserError(f"keyword '{section}' takes a dict of that section's settings, got {values!r}")
+    return deep_merge(as_dict(overrides), extra)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -274,40 +468,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{part}' is set to a value and to a section")
         node[parts[-1]] = value
     return nested
-
-
-def build_config(preset: str | None = None, overrides: list[str] | dict | None = None,
-                 base: dict | None = None) -> Config:
-    """Defaults <- `base` (e.g. a saved run config) <- preset file <- overrides, then validated."""
-    config = resolve_sections(Config, [base or {}, *_preset_chain(preset), as_dict(overrides)])
-    config.validate()
-    return config
-
-
-def resolve_sections(root_cls: type, layers: list[dict]):
-    """A config of sections (`root_cls`), its defaults updated by each layer in turn; unknown names
-    are refused and values coerced to the fields' types."""
-    resolved = root_cls().to_dict()
-    for layer in layers:
-        _merge(resolved, layer)
-    return root_cls(**{name: section_cls(**{key: _coerce(f"{name}.{key}", value, hints[key])
-                                            for key, value in resolved[name].items()})
-                       for name, section_cls in root_cls.section_types().items()
-                       for hints in [typing.get_type_hints(section_cls)]})
-
-
-def merge_overrides(overrides: list[str] | dict | None, extra: dict) -> list[str] | dict | None:
-    """`overrides` (dotted list or nested dict) with whole sections of `extra` merged in; no input mutated."""
-    if not extra:
-        return overrides
-    merged = parse_overrides(overrides) if isinstance(overrides, list) else copy.deepcopy(dict(overrides or {}))
-    for section, values in extra.items():
-        if not isinstance(values, dict):
-            raise UserError(f"keyword '{section}' takes a dict of that section's settings, got {values!r}")
-        merged.setdefault(section, {}).update(values)
-    return merged
 
 
 def as_dict(overrides: list[str] | dict | None) -> dict:
@@ -340,42 +504,24 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return float(value)
         if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
             return str(value)
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"setting '{name}' expects {hint.__name__}, got {value!r}") from None
     return value
 
 
-def _preset_chain(preset: str | None) -> list[dict]:
-    """The preset's settings, preceded by those of the preset it names as `base` (recursively)."""
-    chain: list[dict] = []
-    while preset:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(available_presets())}")
-        layer = yaml.safe_load(path.read_text()) or {}
-        preset = layer.pop("base", None)
-        chain.insert(0, layer)
-        if len(chain) > 8:
-            raise UserError(f"preset chain too deep at '{path.name}' (a base cycle?)")
-    return chain
-
-
-def preset_layers(kind: str, preset_dir: Path, preset: str | None, overrides: list[str] | dict | None,
+def preset_layers(kind: str, preset: str | None, overrides: list[str] | dict | None,
                   base: dict | None) -> list[dict]:
-    """Config layers in order: `base` (a saved run's config), the named preset file, the overrides."""
-    layers = [base or {}]
-    if preset:
-        path = preset_dir / f"{preset}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
-            raise UserError(f"unknown {kind} preset '{preset}'; choose one of: {', '.join(names)}")
-        layers.append(load_config_file(path))
-    return layers + [as_dict(overrides)]
+    """Config layers in order: `base` (a saved run's config), the named preset of `kind`, the overrides."""
+    base_layer = split_schema(base, "the saved config")[1] if base else {}
+    preset_layer = rename_settings(load_preset(kind, preset)) if preset else {}
+    return [base_layer, preset_layer, rename_settings(as_dict(overrides), warn=True)]
 
 
 def save_config(config: Sections, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path.write_text(yaml.safe_dump(with_schema(config), sort_keys=False))
 
 
 def load_config_file(path: Path) -> dict:

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from dreamteacher.core.config import load_config_file
+from dreamteacher.core.config import SCHEMA_KEY, SCHEMA_VERSION, load_config_file, split_schema, with_schema
 from dreamteacher.core.errors import UserError
 
 CONFIG = "config.yaml"
@@ -160,11 +160,17 @@ class RunFolder:
 
     # -- settings --------------------------------------------------------------------------------
     def saved_config(self) -> dict | None:
+        """The run's settings as saved (with their schema version); one line when a newer dreamteacher
+        wrote them."""
         path = self.path / CONFIG
-        return load_config_file(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        loaded = load_config_file(path)
+        split_schema(loaded, path)  # refuses a newer schema here, naming the file
+        return loaded
 
     def save_config(self, config) -> None:
-        write_text_atomic(self.path / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text_atomic(self.path / CONFIG, yaml.safe_dump(with_schema(config), sort_keys=False))
 
     # -- records ---------------------------------------------------------------------------------
     def read(self, name: str) -> dict | None:
@@ -174,10 +180,15 @@ class RunFolder:
         return write_json_atomic(self.path / name, data)
 
     def summary(self) -> dict | None:
-        return self.read(SUMMARY)
+        """run.json; one line when a newer dreamteacher wrote it."""
+        summary = self.read(SUMMARY)
+        if summary is not None and summary.get(SCHEMA_KEY, 1) > SCHEMA_VERSION:
+            raise UserError(f"{self.path / SUMMARY} was written by a newer dreamteacher (schema {summary[SCHEMA_KEY]}; "
+                            f"this one reads up to {SCHEMA_VERSION}): upgrade dreamteacher to use this run folder")
+        return summary
 
     def write_summary(self, summary: dict) -> Path:
-        return self.write(SUMMARY, summary)
+        return self.write(SUMMARY, {SCHEMA_KEY: SCHEMA_VERSION, **summary})
 
     def inputs(self) -> dict:
         """The teacher, feature cache or frozen encoder a pretraining run was started with."""

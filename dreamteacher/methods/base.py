@@ -74,7 +74,8 @@ class PretrainMethod(SeedsOnHost):
     reads_cache: ClassVar[bool] = False  # may train from the offline feature cache (--cache)
     # inputs it cannot run without, beyond a teacher where `teacher_families` is set: name -> what it is
     requires: ClassVar[dict[str, str]] = {}
-    # the config sections whose settings change its result (the bench keys its runs on them)
+    # the config sections it reads: its run's config.yaml holds these (and the live probe's `probe`),
+    # a setting of any other section is refused, and the bench keys its stages on all of them
     sections: ClassVar[tuple[str, ...]] = ("data", "student", "optim", "trainer")
     decoder_head: ClassVar[str | None] = None  # the fine-tuning head its decoder.safetensors initializes
 
@@ -87,6 +88,15 @@ class PretrainMethod(SeedsOnHost):
         self.save_hyperparameters({"method": self.name, "config": config.to_dict(), **(extra or {})})
 
     # -- declarations a method overrides ---------------------------------------------------------
+    @classmethod
+    def config_sections(cls) -> tuple[str, ...]:
+        """The sections of its run's settings: what it reads, and the live probe the engine runs."""
+        return (*cls.sections, "probe")
+
+    @classmethod
+    def owner(cls) -> str:
+        return f"--method {cls.name}"
+
     @classmethod
     def accepts(cls) -> tuple[str, ...]:
         """The inputs it takes: a teacher (and the cache, where it reads one) and its required ones."""
@@ -101,12 +111,7 @@ class PretrainMethod(SeedsOnHost):
 
     @classmethod
     def check_config(cls, config: Config, inputs: PretrainInputs) -> None:
-        """Checks between the resolved settings and the inputs (e.g. an interpreter's blocks). Default:
-        the distillation augmentation of `data` is refused (only methods that read a teacher's
-        features crop them with the image)."""
-        if config.data.crop_scale or config.data.color_jitter > 0:
-            raise UserError(f"data.crop_scale and data.color_jitter are for distillation (a student regressing a "
-                            f"teacher's features), not {cls.name}")
+        """Checks between the resolved settings and the inputs (e.g. an interpreter's blocks). Default: none."""
 
     @classmethod
     def dataset(cls, images: ImageFolder, config: Config, inputs: PretrainInputs) -> Dataset:
@@ -200,10 +205,23 @@ class TeacherTrainer(SeedsOnHost):
     kind: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     family: ClassVar[str] = "diffusion"  # the teacher family it makes (teachers/base.py)
-    # the config sections of its architecture (its training settings are `teacher_train`)
-    sections: ClassVar[tuple[str, ...]] = ()
+    # the config sections of its architecture; it reads these, data, teacher_train and trainer
+    architecture: ClassVar[tuple[str, ...]] = ()
+    sections: ClassVar[tuple[str, ...]] = ("data", "teacher_train", "trainer")
     # optimizer steps per training iteration (Lightning counts each optimizer's step)
     optimizer_steps_per_iteration: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.sections = ("data", *cls.architecture, "teacher_train", "trainer")
+
+    @classmethod
+    def config_sections(cls) -> tuple[str, ...]:
+        return cls.sections
+
+    @classmethod
+    def owner(cls) -> str:
+        return f"train-teacher --kind {cls.kind}"
 
     @classmethod
     def check_config(cls, config: Config) -> None:

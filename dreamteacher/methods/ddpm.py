@@ -46,7 +46,7 @@ class TeacherTraining(TeacherTrainer):
     kind = "ddpm"
     summary = "a diffusion U-Net (the default)"
     family = "diffusion"
-    sections = ("diffusion",)
+    architecture = ("diffusion",)
 
     def __init__(self, config: Config):
         super().__init__()

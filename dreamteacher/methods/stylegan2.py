@@ -72,7 +72,7 @@ class GanTraining(TeacherTrainer):
     kind = "stylegan2"
     summary = "a GAN whose samples form a synthesized dataset"
     family = "gan"
-    sections = ("gan",)
+    architecture = ("gan",)
     optimizer_steps_per_iteration = 2
 
     @classmethod

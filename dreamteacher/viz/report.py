@@ -219,7 +219,7 @@ def _student_section(run: Path, config, teacher, images: torch.Tensor, teacher_f
              [f"backbone stride {s}" for s in method.backbone.strides]
     columns = []
     for t_feat, s_feat in zip(teacher_feats, student_feats):
-        target = whiten(resize_to(t_feat, s_feat.shape[-2:]), config.loss.whiten)
+        target = whiten(resize_to(t_feat, s_feat.shape[-2:]), config.lab.whiten)
         basis = pca_basis(target)
         scale = pca_scale(target, basis)
         columns.append((pca_colors(target, basis, size, scale), pca_colors(s_feat, basis, size, scale)))

@@ -44,7 +44,6 @@ from dreamteacher.teachers.diffusion import EncodeConfig
 from dreamteacher.workflows.finetune import SegDataConfig
 from dreamteacher.workflows.teacher import summary
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "interpreter"
 HEAD = INTERPRETER_HEAD
 WEIGHTS_FILE = INTERPRETER
 
@@ -83,13 +82,9 @@ class InterpreterConfig(Sections):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-def available_interpreter_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
 def build_interpreter_config(preset: str | None = None, overrides: list[str] | dict | None = None,
                              base: dict | None = None) -> InterpreterConfig:
-    config = resolve_sections(InterpreterConfig, preset_layers("interpreter", PRESET_DIR, preset, overrides, base))
+    config = resolve_sections(InterpreterConfig(), preset_layers("interpreter", preset, overrides, base))
     config.validate()
     return config
 

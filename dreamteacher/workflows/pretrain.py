@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import load_file
 
-from dreamteacher.core.config import Config, build_config, merge_overrides
+from dreamteacher.core.config import Config, as_dict, build_config, merge_overrides, only_sections
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.runs import BACKBONE, DECODER, SUMMARY, RunFolder, read_json
 from dreamteacher.data.features import CachedFeatures, read_meta
@@ -65,7 +65,8 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
     if method_cls.teacher_families and inputs.teacher is None:
         raise UserError(f"--method {method} needs --teacher: a {' or '.join(method_cls.teacher_families)} teacher")
     extra = merge_overrides({"student": {"backbone": model}} if model else {}, implied)
-    config = resolve_config(run, preset, merge_overrides(overrides, extra or {}), resume)
+    config = resolve_config(run, preset, merge_overrides(overrides, extra or {}), resume, method_cls.config_sections(),
+                            method_cls.owner())
     check_backbone_name(config.student.backbone)
     images = method_cls.image_folder(data, config)
     if inputs.teacher is not None:
@@ -205,11 +206,15 @@ def cached_dataset(inputs: PretrainInputs, images: ImageFolder, config: Config, 
     return CachedFeatures(images, inputs.cache, meta)
 
 
+CACHE_SECTIONS = ("data", "encode", "trainer")  # what building the feature cache reads
+
+
 def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path, preset: str | None = None,
                         overrides: list[str] | dict | None = None, progress: bool = True) -> float:
     """Encode `data` with `teacher` into the offline feature cache `cache` (what `pretrain(cache=...)`
     builds on first use), ahead of training: returns the seconds it took (0 when it was there)."""
-    config = build_config(preset, overrides)
+    config = build_config(preset, only_sections(as_dict(overrides), CACHE_SECTIONS), sections=CACHE_SECTIONS,
+                          owner="the feature cache")
     inputs = PretrainInputs(teacher=str(teacher), cache=str(cache))
     inputs.teacher_model = load_teacher(teacher, config, ("diffusion", "gan"))
     inputs.teacher_model.check_resolution(*config.data.resolution)

@@ -19,10 +19,14 @@ from dreamteacher.methods.base import TEACHER_TRAINERS
 from dreamteacher.teachers.base import load_teacher, teacher_trainer
 
 
-def resolve_config(run: RunFolder, preset: str | None, overrides: list[str] | dict | None, resume: bool):
-    """A resumed run keeps its settings (overrides may still extend it); a new one is preset + overrides."""
+def resolve_config(run: RunFolder, preset: str | None, overrides: list[str] | dict | None, resume: bool,
+                   sections: tuple[str, ...] | None = None, owner: str = ""):
+    """A resumed run keeps its settings (overrides may still extend it); a new one is preset + overrides.
+    `sections`: those its method or teacher kind reads (a setting of another is refused)."""
     saved = run.saved_config() if resume else None
-    return build_config(None, overrides, base=saved) if saved is not None else build_config(preset, overrides)
+    if saved is not None:
+        return build_config(None, overrides, base=saved, sections=sections, owner=owner)
+    return build_config(preset, overrides, sections=sections, owner=owner)
 
 
 def save_atomically(folder: Path, save) -> Path:
@@ -48,7 +52,8 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     """
     trainer_cls = TEACHER_TRAINERS.get(kind)
     run = RunFolder(out)
-    config = resolve_config(run, preset, merge_overrides(overrides, sections), resume)
+    config = resolve_config(run, preset, merge_overrides(overrides, sections), resume, trainer_cls.config_sections(),
+                            trainer_cls.owner())
     images = trainer_cls.image_folder(data, config)
     trainer_cls.check_config(config)
     ckpt = run.start(resume)
@@ -87,7 +92,7 @@ def untrained_teacher(out: str | Path, preset: str | None = None,
     that tells whether generative training is what the student learns from."""
     trainer_cls = TEACHER_TRAINERS.get(kind)
     run = RunFolder(out)
-    config = build_config(preset, overrides)
+    config = build_config(preset, overrides, sections=trainer_cls.config_sections(), owner=trainer_cls.owner())
     run.path.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
     engine.seed_everything(seed)
@@ -98,7 +103,8 @@ def sample(run: str | Path, out: str | Path | None = None, num: int = 16, steps:
            resolution: list[int] | None = None) -> Path:
     """A PNG grid of DDIM samples from a diffusion teacher."""
     run = Path(run)
-    teacher = load_teacher(run, build_config(None, {"encode": {"blocks": [0], "t": 0}}), families=("diffusion",))
+    teacher = load_teacher(run, build_config(None, {"encode": {"blocks": [0], "t": 0}}, sections=("encode",)),
+                           families=("diffusion",))
     if resolution is None:
         size = teacher.unet.config.sample_size
         resolution = list(size) if isinstance(size, (list, tuple)) else [size or 64, size or 64]
