@@ -1,5 +1,5 @@
-# Everything installs itself: `make test` and `make demo` create .venv and install the pinned
-# dependencies (torch 2.14.1 / torchvision 0.29.1, see pyproject.toml) on first use.
+# Everything installs itself: `make test` and `make demo` create .venv and install the dependencies at
+# the exact versions of constraints.txt (pyproject.toml declares ranges) on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # the import-layer contract and the lint rules of pyproject.toml (a back-edge, a cycle, an undefined

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import TINY, tiny_unet, write_images  # noqa: E402  (the tests' tiny images and teacher)
+from conftest import TINY_PRESET, tiny_unet, write_images  # noqa: E402  (the tests' tiny images and teacher)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--kills", type=int, default=10)
@@ -40,7 +40,7 @@ if not teacher.exists():
     from dreamteacher.teachers.diffusion import default_scheduler
 
     DDPMPipeline(unet=tiny_unet(), scheduler=default_scheduler()).save_pretrained(teacher)
-settings = sum((["--set", s] for s in TINY + [f"optim.epochs={args.epochs}"]), [])
+settings = ["--preset", str(TINY_PRESET), "--set", f"optim.epochs={args.epochs}"]
 
 
 def command(out: Path, resume: bool = False) -> list[str]:

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 
-# A 3-level U-Net (6 decoder blocks at strides 4,2,2,1,1,1), a 0.4M-parameter timm student, 32x32 images.
-TINY = [
-    "data.resolution=[32,32]", "data.num_workers=0",
-    "diffusion.block_out_channels=[32,32,32]", "diffusion.layers_per_block=1",
-    "diffusion.attention_levels=[2]", "diffusion.attention_head_dim=16",
-    "teacher_train.batch_size=4", "teacher_train.max_steps=3", "teacher_train.warmup_steps=1",
-    "encode.t=50", "encode.blocks=[0,2,4]",
-    "student.backbone=test_resnet", "student.regressor_channels=32",
-    "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1",
-    "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.checkpoint_every_n_steps=1",
-    "trainer.log_every_n_steps=1",
-]
+# The tests' shared preset (tests/tiny.yaml): teacher and student commands take it alike. TINY: the
+# same settings as dotted overrides, for configs of every section (build_config without sections).
+TINY_PRESET = Path(__file__).resolve().parent / "tiny.yaml"
+TINY = [f"{section}.{name}={json.dumps(value)}"
+        for section, fields in yaml.safe_load(TINY_PRESET.read_text()).items() for name, value in fields.items()]
 
 
 def write_images(folder: Path, count: int = 8, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, write_images
+from conftest import TINY, TINY_PRESET, write_images
 from dreamteacher import api
 from dreamteacher.core.config import build_config
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
@@ -119,7 +119,7 @@ def test_cached_sample_flips_image_and_features_together(tmp_path, tiny_teacher_
 
 def test_pretrain_with_cache_trains_without_the_teacher(tmp_path, tiny_teacher_dir, monkeypatch):
     images = write_images(tmp_path / "images")
-    first = api.pretrain(images, tmp_path / "a", tiny_teacher_dir, preset=None, overrides=TINY, progress=False,
+    first = api.pretrain(images, tmp_path / "a", tiny_teacher_dir, preset=TINY_PRESET, progress=False,
                          cache=tmp_path / "cache")
     assert (first.run_dir / "backbone.safetensors").is_file() and first.steps == 4
     assert read_meta(tmp_path / "cache")["key"]["encodings"] == 4  # encode.cache_encodings default
@@ -130,7 +130,7 @@ def test_pretrain_with_cache_trains_without_the_teacher(tmp_path, tiny_teacher_d
         raise AssertionError("the teacher ran although the cache holds its features")
 
     monkeypatch.setattr(DiffusionTeacher, "encode", no_teacher)
-    second = api.pretrain(images, tmp_path / "b", tiny_teacher_dir, overrides=TINY, progress=False,
+    second = api.pretrain(images, tmp_path / "b", tiny_teacher_dir, preset=TINY_PRESET, progress=False,
                           cache=tmp_path / "cache")
     assert second.steps == 4 and np.isfinite(second.final_loss)
     resumed = api.pretrain(images, tmp_path / "b", resume=True, progress=False, optim={"max_steps": 6})
@@ -182,14 +182,15 @@ def test_crop_scale_crops_image_and_cached_features_by_one_box_and_jitter_touche
 def test_pretrain_distills_with_crop_and_jitter_online_and_cached_and_refuses_them_elsewhere(tmp_path,
                                                                                             tiny_teacher_dir):
     images = write_images(tmp_path / "images")
-    aug = TINY + ["data.crop_scale=[0.5,1.0]", "data.color_jitter=0.3"]
-    online = api.pretrain(images, tmp_path / "online", tiny_teacher_dir, overrides=aug, progress=False)
-    cached = api.pretrain(images, tmp_path / "cached", tiny_teacher_dir, overrides=aug, progress=False,
-                          cache=tmp_path / "cache")
+    aug = ["lab.crop_scale=[0.5,1.0]", "lab.color_jitter=0.3"]
+    online = api.pretrain(images, tmp_path / "online", tiny_teacher_dir, preset=TINY_PRESET, overrides=aug,
+                          progress=False)
+    cached = api.pretrain(images, tmp_path / "cached", tiny_teacher_dir, preset=TINY_PRESET, overrides=aug,
+                          progress=False, cache=tmp_path / "cache")
     assert online.steps == cached.steps == 4
     assert np.isfinite(online.final_loss) and np.isfinite(cached.final_loss)
-    with pytest.raises(UserError, match="are for distillation"):
-        api.pretrain(images, tmp_path / "dep", method="dep", overrides=aug, progress=False)
+    with pytest.raises(UserError, match="--method dep does not read the 'lab' section"):  # distillation's alone
+        api.pretrain(images, tmp_path / "dep", method="dep", preset=TINY_PRESET, overrides=aug, progress=False)
     with pytest.raises(UserError, match="crop_scale must be"):
-        api.pretrain(images, tmp_path / "bad", tiny_teacher_dir, overrides=TINY + ["data.crop_scale=[0.5]"],
+        api.pretrain(images, tmp_path / "bad", tiny_teacher_dir, preset=TINY_PRESET, overrides=["lab.crop_scale=[0.5]"],
                      progress=False)

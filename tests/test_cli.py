@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, write_images
+from conftest import TINY_PRESET, write_images
 from dreamteacher.cli import main
 from dreamteacher.core.errors import UserError
 from dreamteacher.export.checkpoints import read_checkpoint
@@ -28,8 +28,9 @@ CLI = [sys.executable, "-m", "dreamteacher.cli"]
 
 
 def sets(*extra: str) -> list[str]:
-    args = []
-    for item in [*TINY, *extra]:
+    """The tests' shared preset, and settings of the command's own sections."""
+    args = ["--preset", str(TINY_PRESET)]
+    for item in extra:
         args += ["--set", item]
     return args
 
@@ -186,9 +187,8 @@ def test_python_api_runs_the_workflow_and_returns_results(trained, tmp_path):
     from conftest import IGNORE, NUM_CLASSES, write_scenes
     from safetensors.torch import load_file
 
-    overrides = [o for o in TINY if not o.startswith("optim.epochs")]
     run = dt.pretrain(data=trained / "images", out=tmp_path / "student", teacher=trained / "teacher",
-                      overrides=overrides, optim={"epochs": 1}, progress=False)
+                      preset=TINY_PRESET, optim={"epochs": 1}, progress=False)
     assert run.steps == 2 and run.seconds > 0 and run.final_loss is not None
     assert run.files["backbone"].is_file()
     smp_file = dt.export(run.run_dir, format="smp")

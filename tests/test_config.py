@@ -64,12 +64,12 @@ def test_values_are_coerced_to_the_field_type():
 def test_a_run_holds_the_sections_its_method_reads_and_refuses_others(tmp_path, tiny_teacher_dir, capsys):
     import yaml
 
-    from conftest import TINY, write_images
+    from conftest import TINY_PRESET, write_images
     from dreamteacher.cli import main
     from dreamteacher.methods.base import METHODS
 
     images = write_images(tmp_path / "images")
-    sets = sum((["--set", s] for s in TINY if not s.startswith(("diffusion.", "teacher_train."))), [])
+    sets = ["--preset", str(TINY_PRESET)]
     args = ["pretrain", "--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress", *sets]
     assert main([*args, "--out", str(tmp_path / "student")]) == 0
     saved = yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())

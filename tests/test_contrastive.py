@@ -12,7 +12,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import TINY, write_images
+from conftest import TINY_PRESET, write_images
 from dreamteacher.api import pretrain
 from dreamteacher.core.errors import UserError
 from dreamteacher.losses import image_infonce, moco_infonce, pixel_infonce
@@ -168,7 +168,7 @@ def test_moco_checkpoint_errors_name_the_file(tmp_path):
 def mocov3_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("contrastive")
     images = write_images(root / "images", count=8, size=(40, 48))
-    pretrain(images, root / "mocov3", method="mocov3", overrides=TINY + CONTRAST, progress=False)
+    pretrain(images, root / "mocov3", method="mocov3", preset=TINY_PRESET, overrides=CONTRAST, progress=False)
     return root, images
 
 
@@ -192,7 +192,7 @@ def test_mocov3_writes_an_official_layout_teacher_and_exports_its_base_encoder(m
 
 def test_pcd_distills_a_mocov3_run_and_exports_the_backbone_alone(mocov3_run):
     root, images = mocov3_run
-    result = pretrain(images, root / "pcd", method="pcd", teacher=root / "mocov3", overrides=TINY + CONTRAST,
+    result = pretrain(images, root / "pcd", method="pcd", teacher=root / "mocov3", preset=TINY_PRESET, overrides=CONTRAST,
                       progress=False)
     assert result.final_loss is not None and math.isfinite(result.final_loss)
     exported = load_file(str(result.files["backbone"]))
@@ -209,12 +209,12 @@ def test_pcd_distills_a_mocov3_run_and_exports_the_backbone_alone(mocov3_run):
 def test_pcd_refuses_a_feature_cache_and_a_missing_teacher(mocov3_run, tmp_path):
     root, images = mocov3_run
     with pytest.raises(UserError, match="pcd needs --teacher"):
-        pretrain(images, tmp_path / "a", method="pcd", overrides=TINY + CONTRAST, progress=False)
+        pretrain(images, tmp_path / "a", method="pcd", preset=TINY_PRESET, overrides=CONTRAST, progress=False)
     with pytest.raises(UserError, match=r"--cache is not an input of --method pcd \(it takes --teacher\)"):
         pretrain(images, tmp_path / "b", method="pcd", teacher=root / "mocov3", cache=tmp_path / "c",
-                 overrides=TINY + CONTRAST, progress=False)
+                 preset=TINY_PRESET, overrides=CONTRAST, progress=False)
     with pytest.raises(UserError, match=r"--teacher is not an input of --method mocov3 \(it takes the images alone\)"):
-        pretrain(images, tmp_path / "c", method="mocov3", teacher=root / "mocov3", overrides=TINY + CONTRAST,
+        pretrain(images, tmp_path / "c", method="mocov3", teacher=root / "mocov3", preset=TINY_PRESET, overrides=CONTRAST,
                  progress=False)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import IGNORE, NUM_CLASSES, TINY, write_images, write_scenes
+from conftest import IGNORE, NUM_CLASSES, TINY, TINY_PRESET, write_images, write_scenes
 from dreamteacher import api
 from dreamteacher.nn.weights import read_backbone_export, read_decoder_export
 from dreamteacher.core.config import build_config
@@ -17,7 +17,8 @@ from dreamteacher.core.errors import UserError
 from dreamteacher.losses import corrupt, denoising_loss
 from dreamteacher.methods.denoising import DDeP, DenoisingPretraining, DeP
 
-DENOISE = TINY + ["denoise.unet_width=8", "optim.epochs=2"]
+DENOISE_SETTINGS = ["denoise.unet_width=8", "optim.epochs=2"]
+DENOISE = TINY + DENOISE_SETTINGS  # every section: for configs built without a method
 
 
 def test_corruption_and_loss_match_a_hand_computation():
@@ -57,7 +58,7 @@ def test_sigma_is_fixed_by_method_or_drawn_from_the_range():
 def dep_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dep")
     images = write_images(root / "images")
-    result = api.pretrain(images, root / "dep", method="dep", overrides=DENOISE, progress=False)
+    result = api.pretrain(images, root / "dep", method="dep", preset=TINY_PRESET, overrides=DENOISE_SETTINGS, progress=False)
     return root, result
 
 
@@ -88,7 +89,7 @@ def test_ddep_freezes_the_encoder_and_its_batchnorm_statistics(dep_run, tmp_path
     monkeypatch.setattr(DenoisingPretraining, "compute_losses",
                         lambda self, batch: seen.append(batch["images"].shape[-2:]) or compute_losses(self, batch))
     result = api.pretrain(root / "images", tmp_path / "ddep", method="ddep", encoder=encoder, progress=False,
-                          overrides=DENOISE + ["data.resolution=[32,64]", "denoise.crop=[32,32]"])
+                          preset=TINY_PRESET, overrides=DENOISE_SETTINGS + ["data.resolution=[32,64]", "denoise.crop=[32,32]"])
     assert seen and set(seen) == {(32, 32)}
     _, before, _ = read_backbone_export(encoder)
     _, after, _ = read_backbone_export(result.files["backbone"])
@@ -98,9 +99,9 @@ def test_ddep_freezes_the_encoder_and_its_batchnorm_statistics(dep_run, tmp_path
     pretrained, _ = read_decoder_export(dep.files["decoder"])
     assert any(not torch.equal(trained[k], pretrained[k]) for k in trained)  # the decoder learned
     with pytest.raises(UserError, match="needs --encoder"):
-        api.pretrain(root / "images", tmp_path / "x", method="ddep", overrides=DENOISE, progress=False)
+        api.pretrain(root / "images", tmp_path / "x", method="ddep", preset=TINY_PRESET, overrides=DENOISE_SETTINGS, progress=False)
     with pytest.raises(UserError, match="is not an input of --method d?dep"):
-        api.pretrain(root / "images", tmp_path / "y", teacher=root, method="dep", overrides=DENOISE, progress=False)
+        api.pretrain(root / "images", tmp_path / "y", teacher=root, method="dep", preset=TINY_PRESET, overrides=DENOISE_SETTINGS, progress=False)
 
 
 FINETUNE = {"data": {"resolution": [32, 32], "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "num_workers": 0},

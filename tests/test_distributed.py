@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from conftest import TINY, write_images
+from conftest import TINY_PRESET, write_images
 from dreamteacher import api
 from dreamteacher.export.checkpoints import read_checkpoint
 from dreamteacher.data.images import ImageFolder
@@ -77,8 +77,8 @@ MEAN_TOLERANCE = 0.04  # over the curve
 def test_two_process_gloo_run_follows_the_one_process_curve_and_resumes_at_another_size(tmp_path,
                                                                                         tiny_teacher_dir):
     images = write_images(tmp_path / "images", count=32)
-    settings = [*TINY, "optim.batch_size=16", "optim.epochs=3", "trainer.checkpoint_every_n_steps=100"]
-    common = ["--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress"]
+    settings = ["optim.batch_size=16", "optim.epochs=3", "trainer.checkpoint_every_n_steps=100"]
+    common = ["--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress", "--preset", str(TINY_PRESET)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def pretrain(out: Path, *extra: str) -> None:
@@ -118,9 +118,9 @@ class StopAt(Callback):
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_teacher_dir):
     images = write_images(tmp_path / "images", count=8)  # batch 4: 2 steps per epoch, 6 in all
-    whole = api.pretrain(images, tmp_path / "whole", tiny_teacher_dir, overrides=TINY + ["optim.epochs=3"],
+    whole = api.pretrain(images, tmp_path / "whole", tiny_teacher_dir, preset=TINY_PRESET, overrides=["optim.epochs=3"],
                          progress=False)
-    job = api.prepare_pretraining(images, tmp_path / "cut", tiny_teacher_dir, overrides=TINY + ["optim.epochs=3"],
+    job = api.prepare_pretraining(images, tmp_path / "cut", tiny_teacher_dir, preset=TINY_PRESET, overrides=["optim.epochs=3"],
                                   progress=False, callbacks=[StopAt(4)])
     with pytest.raises(RuntimeError, match="stopped"):
         job.trainer.fit(job.module, job.loader)

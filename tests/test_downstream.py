@@ -437,7 +437,7 @@ def test_bench_contrastive_rows_train_a_moco_teacher_then_pcd(scenes, tmp_path):
     images, masks = scenes
     recipe = write_recipe(tmp_path, images, masks)
     spec = yaml.safe_load(recipe.read_text())
-    rescaled = {"iterations": 2, "seeds": [0], "finetune_overrides": {"model": {"norm_rescale": 0.25}}}
+    rescaled = {"iterations": 2, "seeds": [0], "finetune_overrides": {"lab": {"norm_rescale": 0.25}}}
     spec["rows"] += [{"method": "pcd", "head": "upernet", **rescaled}, {"method": "mocov3", "head": "upernet", **rescaled}]
     small = {"optim": {"name": "lars", "base_lr": 1.0, "epochs": 1, "warmup_epochs": 0},
              "contrast": {"proj_hidden": 16, "proj_dim": 8, "queue_size": 8}}

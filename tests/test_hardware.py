@@ -38,14 +38,13 @@ def test_auto_precision_on_a_gpu_follows_its_compute_capability(monkeypatch, cap
 def test_the_chosen_precision_is_said_in_one_line_and_recorded(tmp_path, cpu, capsys):
     import json
 
-    from conftest import TINY, write_images
+    from conftest import TINY_PRESET, write_images
     from dreamteacher.cli import main
 
     cpu()  # a CPU without native bf16: auto trains in fp32
     images = write_images(tmp_path / "images", count=8)
-    args = ["train-teacher", "--data", str(images), "--out", str(tmp_path / "teacher"), "--no-progress"]
-    for item in [*TINY, "trainer.precision=auto"]:
-        args += ["--set", item]
+    args = ["train-teacher", "--data", str(images), "--out", str(tmp_path / "teacher"), "--no-progress",
+            "--preset", str(TINY_PRESET), "--set", "trainer.precision=auto"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "precision: auto -> 32-true (CPU Test CPU has no avx512_bf16 or AMX" in err

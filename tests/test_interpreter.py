@@ -101,7 +101,7 @@ def test_interpreter_trains_on_a_teacher_and_evaluates_as_a_segmenter(tmp_path, 
 
 
 def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tiny_teacher_dir):
-    from conftest import IGNORE, NUM_CLASSES, TINY, write_images, write_scenes
+    from conftest import IGNORE, NUM_CLASSES, TINY_PRESET, write_images, write_scenes
     from dreamteacher import api
     from dreamteacher.export.checkpoints import read_checkpoint
     from dreamteacher.workflows.interpreter import train_interpreter
@@ -114,7 +114,7 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
                                  "encode": {"t": 50, "blocks": [0, 2, 4]}, "interpreter": {"width": 32},
                                  "optim": {"epochs": 1, "batch_size": 2}, "trainer": {"accelerator": "cpu", "precision": "32-true"}})
     unlabeled = write_images(tmp_path / "unlabeled")
-    run = api.pretrain(unlabeled, tmp_path / "mix", method="dt-mix", interpreter=tmp_path / "interp", overrides=TINY,
+    run = api.pretrain(unlabeled, tmp_path / "mix", method="dt-mix", interpreter=tmp_path / "interp", preset=TINY_PRESET,
                        progress=False)  # the teacher comes from the interpreter
     assert run.steps == 4 and math.isfinite(run.final_loss)
     ckpt = read_checkpoint(run.checkpoint)
@@ -168,16 +168,16 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
 
     # from the offline feature cache (the bench's dt-mix rows): the interpreter reads the cached features
     cached = api.pretrain(unlabeled, tmp_path / "mix-cached", method="dt-mix", interpreter=tmp_path / "interp",
-                          overrides=TINY, progress=False, cache=tmp_path / "cache")
+                          preset=TINY_PRESET, progress=False, cache=tmp_path / "cache")
     assert (tmp_path / "cache" / "meta.json").is_file() and math.isfinite(cached.final_loss)
     logged = [row for row in csv.DictReader(open(cached.run_dir / "logs" / "metrics.csv")) if row.get("train/ld")]
     assert logged and all(float(row["train/ld"]) > 0 for row in logged)
 
     with pytest.raises(UserError, match="reads blocks \\[0, 2, 4\\] at t=50"):
         api.pretrain(unlabeled, tmp_path / "x", method="dt-mix", interpreter=tmp_path / "interp",
-                     overrides=TINY + ["encode.t=20"], progress=False)
+                     preset=TINY_PRESET, overrides=["encode.t=20"], progress=False)
     with pytest.raises(UserError, match="needs --interpreter"):
-        api.pretrain(unlabeled, tmp_path / "y", tiny_teacher_dir, method="dt-mix", overrides=TINY, progress=False)
+        api.pretrain(unlabeled, tmp_path / "y", tiny_teacher_dir, method="dt-mix", preset=TINY_PRESET, progress=False)
     from conftest import tiny_unet
     from diffusers import DDPMPipeline
     from dreamteacher.teachers.diffusion import default_scheduler
@@ -185,7 +185,7 @@ def test_dt_mix_distills_features_and_the_interpreters_soft_labels(tmp_path, tin
     DDPMPipeline(unet=tiny_unet(seed=1), scheduler=default_scheduler()).save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="was trained on the teacher"):
         api.pretrain(unlabeled, tmp_path / "z", tmp_path / "other", method="dt-mix", interpreter=tmp_path / "interp",
-                     overrides=TINY, progress=False)
+                     preset=TINY_PRESET, progress=False)
 
 
 def test_the_dt_mix_students_pyramid_is_smps_own_upernet_forward():

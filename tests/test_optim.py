@@ -48,7 +48,7 @@ def test_finetune_backbone_lr_scale_and_no_decay_on_biases(name):
     from dreamteacher.workflows.finetune import SegmentationTraining, build_finetune_config
 
     config = build_finetune_config(overrides=[f"optim.name={name}", "optim.lr=0.01", "optim.weight_decay=0.05",
-                                              "optim.backbone_lr_scale=0.1", "optim.warmup_iters=0",
+                                              "lab.backbone_lr_scale=0.1", "optim.warmup_iters=0",
                                               "data.num_classes=3", "model.backbone=resnet18",
                                               "model.decoder_channels=32"])
     module = SegmentationTraining(config, {"backbone": "resnet18"})

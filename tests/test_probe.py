@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import IGNORE, NUM_CLASSES, REPO, TINY, write_images, write_scenes
+from conftest import IGNORE, NUM_CLASSES, REPO, TINY_PRESET, write_images, write_scenes
 from dreamteacher import api
 from dreamteacher.analysis.probe import effective_rank, readout_miou
 from dreamteacher.core.errors import UserError
@@ -51,7 +51,7 @@ def test_the_probe_runs_at_the_start_and_every_n_epochs_and_reports_in_run_json(
     images = write_images(tmp_path / "images")
     scenes = write_scenes(tmp_path / "scenes", size=(32, 32))
     run = api.pretrain(images, tmp_path / "run", tiny_teacher_dir, progress=False,
-                       overrides=TINY + ["optim.epochs=5"] + probe_settings(scenes, every=2))
+                       preset=TINY_PRESET, overrides=["optim.epochs=5"] + probe_settings(scenes, every=2))
     records = read_probe_log(run.run_dir)
     assert [r["epoch"] for r in records] == [0, 2, 4, 5]  # the start, every 2 epochs, and the last
     assert all(0 <= r["miou"] <= 100 and r["effective_rank"] >= 1 for r in records)
@@ -75,7 +75,7 @@ def test_the_probe_runs_at_the_start_and_every_n_epochs_and_reports_in_run_json(
 def test_a_probe_without_labels_logs_the_label_free_signal(tmp_path, tiny_teacher_dir):
     images = write_images(tmp_path / "images")
     run = api.pretrain(images, tmp_path / "run", tiny_teacher_dir, progress=False,
-                       overrides=TINY + [f"probe.images={images}", "probe.every_n_epochs=1"])
+                       preset=TINY_PRESET, overrides=[f"probe.images={images}", "probe.every_n_epochs=1"])
     records = read_probe_log(run.run_dir)
     assert [r["epoch"] for r in records] == [0, 1, 2] and all(r["miou"] is None for r in records)
     assert json.loads((run.run_dir / "run.json").read_text())["probe"]["best_effective_rank"] > 0
@@ -84,9 +84,11 @@ def test_a_probe_without_labels_logs_the_label_free_signal(tmp_path, tiny_teache
 def test_the_probe_changes_nothing_the_run_computes(tmp_path, tiny_teacher_dir):
     images = write_images(tmp_path / "images")
     scenes = write_scenes(tmp_path / "scenes", size=(32, 32))
-    plain = api.pretrain(images, tmp_path / "plain", tiny_teacher_dir, overrides=TINY, progress=False)
+    plain = api.pretrain(images, tmp_path / "plain", tiny_teacher_dir, preset=TINY_PRESET, progress=False)
     probed = api.pretrain(images, tmp_path / "probed", tiny_teacher_dir, progress=False,
-                          overrides=TINY + probe_settings(scenes))
+                          preset=TINY_PRESET, overrides=probe_settings(scenes))
+    assert [r["epoch"] for r in read_probe_log(probed.run_dir)] == [0, 1, 2]  # it ran, at every epoch
+    assert not read_probe_log(plain.run_dir)
     a, b = load_file(str(plain.files["backbone"])), load_file(str(probed.files["backbone"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -112,7 +114,7 @@ def test_a_run_killed_after_a_probe_resumes_without_duplicating_or_losing_one(tm
     images = write_images(tmp_path / "images")
     scenes = write_scenes(tmp_path / "scenes", size=(32, 32))
     args = ["pretrain", "--teacher", str(tiny_teacher_dir), "--data", str(images), "--out", str(tmp_path / "run"),
-            "--no-progress", *sum((["--set", s] for s in TINY + ["optim.epochs=4"] + probe_settings(scenes)), [])]
+            "--no-progress", "--preset", str(TINY_PRESET), *sum((["--set", s] for s in ["optim.epochs=4"] + probe_settings(scenes)), [])]
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_PROBE, *args], cwd=REPO / "tests",
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -130,16 +132,16 @@ def test_bad_probe_input_is_refused_before_training(tmp_path, tiny_teacher_dir):
     mask[5, 5] = 7  # a class id the probe's class count does not have
     Image.fromarray(mask).save(scenes[1] / "scene_4.png")
     with pytest.raises(UserError, match=r"scene_4.png holds class ids \[7\]"):
-        api.pretrain(images, tmp_path / "a", tiny_teacher_dir, progress=False, overrides=TINY + probe_settings(scenes))
+        api.pretrain(images, tmp_path / "a", tiny_teacher_dir, progress=False, preset=TINY_PRESET, overrides=probe_settings(scenes))
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(scenes[1] / "scene_4.png")
     with pytest.raises(UserError, match="scene_4.png is 10x10 but its image"):
-        api.pretrain(images, tmp_path / "b", tiny_teacher_dir, progress=False, overrides=TINY + probe_settings(scenes))
+        api.pretrain(images, tmp_path / "b", tiny_teacher_dir, progress=False, preset=TINY_PRESET, overrides=probe_settings(scenes))
     with pytest.raises(UserError, match="probe.num_classes must be set"):
         api.pretrain(images, tmp_path / "c", tiny_teacher_dir, progress=False,
-                     overrides=TINY + [f"probe.images={scenes[0]}", f"probe.masks={scenes[1]}"])
+                     preset=TINY_PRESET, overrides=[f"probe.images={scenes[0]}", f"probe.masks={scenes[1]}"])
     with pytest.raises(UserError, match="trainer.mlflow_uri http://127.0.0.1:9: the MLflow server does not answer"):
         api.pretrain(images, tmp_path / "d", tiny_teacher_dir, progress=False,
-                     overrides=TINY + ["trainer.loggers=[csv,mlflow]", "trainer.mlflow_uri=http://127.0.0.1:9"])
+                     preset=TINY_PRESET, overrides=["trainer.loggers=[csv,mlflow]", "trainer.mlflow_uri=http://127.0.0.1:9"])
     assert not any((tmp_path / name / "checkpoints").exists() for name in "abcd")
 
 
@@ -150,7 +152,7 @@ def test_mlflow_receives_the_config_the_metrics_and_the_exports(tmp_path, tiny_t
     scenes = write_scenes(tmp_path / "scenes", size=(32, 32))
     store = (tmp_path / "mlruns").as_uri()
     run = api.pretrain(images, tmp_path / "run", tiny_teacher_dir, progress=False,
-                       overrides=TINY + probe_settings(scenes) + ["trainer.loggers=[csv,mlflow]",
+                       preset=TINY_PRESET, overrides=probe_settings(scenes) + ["trainer.loggers=[csv,mlflow]",
                                                                    f"trainer.mlflow_uri={store}"])
     client = mlflow.MlflowClient(tracking_uri=store)
     (logged,) = client.search_runs([client.get_experiment_by_name("dreamteacher").experiment_id])
@@ -170,19 +172,19 @@ def test_a_student_starts_from_the_users_weights_checked_strictly(tmp_path, tiny
     save_file(mine, str(tmp_path / "mine.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in mine.items()}}, tmp_path / "mine.pth")
     for source in ("mine.safetensors", "mine.pth"):
-        job = api.prepare_pretraining(images, tmp_path / source.replace(".", "-"), tiny_teacher_dir, overrides=TINY,
+        job = api.prepare_pretraining(images, tmp_path / source.replace(".", "-"), tiny_teacher_dir, preset=TINY_PRESET,
                                       progress=False, init=tmp_path / source)
         started = job.module.backbone_model().state_dict()
         assert all(torch.equal(started[k], mine[k]) for k in started if k in mine)
     wrong = timm.create_model("resnet18", num_classes=0).state_dict()
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(UserError, match="wrong.safetensors .for test_resnet.: backbone weights do not fit the model"):
-        api.pretrain(images, tmp_path / "x", tiny_teacher_dir, overrides=TINY, progress=False,
+        api.pretrain(images, tmp_path / "x", tiny_teacher_dir, preset=TINY_PRESET, progress=False,
                      init=tmp_path / "wrong.safetensors")
     bad = {k: v.clone() for k, v in mine.items()}
     next(v for v in bad.values() if v.is_floating_point()).fill_(math.nan)
     save_file(bad, str(tmp_path / "nan.safetensors"))
     with pytest.raises(UserError, match="nan.safetensors: .* NaN or infinite"):
-        api.pretrain(images, tmp_path / "y", tiny_teacher_dir, overrides=TINY, progress=False,
+        api.pretrain(images, tmp_path / "y", tiny_teacher_dir, preset=TINY_PRESET, progress=False,
                      init=tmp_path / "nan.safetensors")
     assert os.path.exists(tmp_path / "mine.safetensors")

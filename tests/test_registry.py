@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import dreamteacher as dt
-from conftest import TINY, write_images, write_scenes
+from conftest import TINY, TINY_PRESET, write_images, write_scenes
 from dreamteacher.cli import main
 from dreamteacher.core.config import SECTIONS, Section, bounded, build_config, register_section
 from dreamteacher.core.errors import UserError
@@ -68,7 +68,7 @@ def registered():
 
 def test_a_method_registered_in_a_test_module_pretrains_exports_and_benches(registered, tmp_path: Path, capsys):
     images = write_images(tmp_path / "images")
-    run = dt.pretrain(images, tmp_path / "ae", method="test-autoencoder", overrides=TINY, progress=False,
+    run = dt.pretrain(images, tmp_path / "ae", method="test-autoencoder", preset=TINY_PRESET, progress=False,
                       test_autoencoder={"detail_weight": 0.25})
     assert run.steps == 4 and (run.run_dir / "backbone.safetensors").is_file()
     model = timm.create_model("test_resnet", num_classes=0)
@@ -80,11 +80,11 @@ def test_a_method_registered_in_a_test_module_pretrains_exports_and_benches(regi
         build_config(None, TINY + ["test_autoencoder.detail_weight=-1"])
     # its inputs are checked like any method's: it takes the images alone
     with pytest.raises(UserError, match="--teacher is not an input of --method test-autoencoder"):
-        dt.pretrain(images, tmp_path / "x", teacher=tmp_path, method="test-autoencoder", overrides=TINY)
+        dt.pretrain(images, tmp_path / "x", teacher=tmp_path, method="test-autoencoder", preset=TINY_PRESET)
 
     # the command line lists it and runs it; `info` describes what it wrote
     assert main(["pretrain", "--method", "test-autoencoder", "--data", str(images), "--out", str(tmp_path / "cli"),
-                 "--no-progress", *sum((["--set", s] for s in TINY), [])]) == 0
+                 "--no-progress", "--preset", str(TINY_PRESET)]) == 0
     assert main(["info", str(tmp_path / "cli")]) == 0
     assert "a test-only autoencoder" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "cli"), "--format", "smp", "--out", str(tmp_path / "smp.safetensors")]) == 0

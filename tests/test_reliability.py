@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY, write_images
+from conftest import REPO, TINY_PRESET, write_images
 from dreamteacher import api
 from dreamteacher.cli import main
 from dreamteacher.core.config import SECTIONS, Config, build_config, parse_overrides
@@ -34,7 +34,7 @@ def test_a_diverging_run_stops_names_the_step_and_keeps_its_last_good_state(tmp_
     images = write_images(tmp_path / "images")
     out = tmp_path / "nan"
     code = main(["pretrain", "--teacher", str(tiny_teacher_dir), "--data", str(images), "--out", str(out),
-                 "--no-progress", *sum((["--set", s] for s in TINY), []), "--set", "optim.base_lr=1e12",
+                 "--no-progress", "--preset", str(TINY_PRESET), "--set", "optim.base_lr=1e12",
                  "--set", "optim.epochs=4", "--set", "trainer.checkpoint_every_n_steps=2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "diverged: step " in err[0] and "the loss is non-finite" in err[0]
@@ -50,7 +50,7 @@ def test_a_diverging_run_stops_names_the_step_and_keeps_its_last_good_state(tmp_
 
 def test_exports_refuse_and_info_flags_non_finite_weights(tmp_path, tiny_teacher_dir):
     images = write_images(tmp_path / "images")
-    run = api.pretrain(images, tmp_path / "ok", tiny_teacher_dir, overrides=TINY, progress=False)
+    run = api.pretrain(images, tmp_path / "ok", tiny_teacher_dir, preset=TINY_PRESET, progress=False)
     ckpt = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
     key = next(k for k, v in ckpt["state_dict"].items() if k.startswith("backbone.") and v.is_floating_point())
     ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], math.nan)
@@ -73,12 +73,12 @@ def test_the_feature_cache_notices_an_image_replaced_by_one_of_the_same_name_and
     rng = np.random.default_rng(0)
     for i in range(4):  # BMP: every 32x32 image is the same number of bytes
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"img_{i}.bmp")
-    api.build_feature_cache(folder, tmp_path / "cache", tiny_teacher_dir, overrides=TINY, progress=False)
+    api.build_feature_cache(folder, tmp_path / "cache", tiny_teacher_dir, preset=TINY_PRESET, progress=False)
     size = (folder / "img_2.bmp").stat().st_size
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "img_2.bmp")
     assert (folder / "img_2.bmp").stat().st_size == size
     with pytest.raises(UserError, match="built from other inputs .*images: cached"):
-        api.build_feature_cache(folder, tmp_path / "cache", tiny_teacher_dir, overrides=TINY, progress=False)
+        api.build_feature_cache(folder, tmp_path / "cache", tiny_teacher_dir, preset=TINY_PRESET, progress=False)
 
 
 def _numeric_fields(config_cls) -> list[tuple[str, str, object, dict]]:
@@ -166,7 +166,7 @@ def test_corrupt_teacher_and_weight_files_are_one_line(tmp_path, tiny_teacher_di
              (["pretrain", "--teacher", str(adm)], "adm.pt: cannot read as a PyTorch state dict"),
              (["pretrain", "--method", "pcd", "--teacher", str(moco)], "unreadable MoCo v3 checkpoint .*moco.pth")]
     for args, message in cases:
-        code = main([*args, "--data", str(images), "--out", str(tmp_path / "out"), *sum((["--set", s] for s in TINY), [])])
+        code = main([*args, "--data", str(images), "--out", str(tmp_path / "out"), "--preset", str(TINY_PRESET)])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
         import re
@@ -203,7 +203,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_stray_file_and_resumes(tmp_p
     images = write_images(tmp_path / "images")
     out = tmp_path / "run"
     args = ["pretrain", "--teacher", str(tiny_teacher_dir), "--data", str(images), "--out", str(out), "--no-progress",
-            *sum((["--set", s] for s in TINY), []), "--set", "optim.epochs=3"]
+            "--preset", str(TINY_PRESET), "--set", "optim.epochs=3"]
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     killed = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=REPO / "tests", env=env,
@@ -220,7 +220,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_stray_file_and_resumes(tmp_p
 
 def test_resuming_a_finished_run_keeps_its_record(tmp_path, tiny_teacher_dir, capsys):
     images = write_images(tmp_path / "images")
-    run = api.pretrain(images, tmp_path / "done", tiny_teacher_dir, overrides=TINY, progress=False)
+    run = api.pretrain(images, tmp_path / "done", tiny_teacher_dir, preset=TINY_PRESET, progress=False)
     before = json.loads((run.run_dir / "run.json").read_text())
     assert before["final_loss"] is not None
     again = api.pretrain(images, tmp_path / "done", resume=True, progress=False)

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, write_images
+from conftest import TINY_PRESET, write_images
 from dreamteacher import api
 from dreamteacher.methods.spark import MaskedBatchNorm2d, SparseEncoder, expand_mask, masked_patch_loss, patchify
 from dreamteacher.nn.backbone import Backbone
@@ -78,8 +78,8 @@ def test_the_loss_counts_masked_patches_against_the_per_patch_normalized_image()
 
 def test_spark_pretrains_and_exports_a_strict_timm_backbone(tmp_path):
     images = write_images(tmp_path / "images", size=(64, 64))
-    overrides = [o for o in TINY if not o.startswith("data.resolution")] + ["data.resolution=[64,64]"]
-    run = api.pretrain(images, tmp_path / "spark", method="spark", overrides=overrides, progress=False,
+    run = api.pretrain(images, tmp_path / "spark", method="spark", preset=TINY_PRESET,
+                       overrides=["data.resolution=[64,64]"], progress=False,
                        spark={"decoder_width": 32})
     assert run.steps == 4 and run.final_loss is not None and run.final_loss > 0
     model = timm.create_model("test_resnet", num_classes=0)
@@ -92,7 +92,7 @@ def test_a_resolution_without_whole_mask_patches_is_refused_for_spark_only(tmp_p
     from dreamteacher.cli import main
 
     images = write_images(tmp_path / "images", size=(48, 48))
-    settings = [a for o in TINY if not o.startswith("data.resolution") for a in ("--set", o)]
+    settings = ["--preset", str(TINY_PRESET)]
     code = main(["pretrain", "--method", "spark", "--data", str(images), "--out", str(tmp_path / "run"),
                  "--no-progress", *settings, "--set", "data.resolution=[48,48]"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from conftest import TINY
+from conftest import TINY_PRESET
 from dreamteacher.bench.speed import bench_speed, format_speed
 
 
 def test_bench_speed_times_parts_whole_and_cache(tmp_path):
     out = tmp_path / "speed.json"
-    results = bench_speed(preset=None, overrides=TINY, steps=2, out=out, progress=False)
+    results = bench_speed(preset=TINY_PRESET, steps=2, out=out, progress=False)
     assert json.loads(out.read_text()) == results
     seconds = results["seconds_per_step"]
     assert set(seconds) == {"data", "teacher", "student", "sum_of_parts", "whole", "whole_cached",

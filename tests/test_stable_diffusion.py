@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, write_images
+from conftest import TINY_PRESET, write_images
 from dreamteacher.api import pretrain
 from dreamteacher.teachers.base import load_diffusion_teacher
 from dreamteacher.teachers.latent import LatentDiffusionTeacher
@@ -84,7 +84,7 @@ def test_sd_teacher_uses_the_empty_prompt_and_the_given_noise(sd_folder):
 
 def test_pretrain_distills_a_stable_diffusion_teacher(sd_folder, tmp_path):
     images = write_images(tmp_path / "images", count=4, size=(40, 48))
-    overrides = [o for o in TINY if not o.startswith("encode.blocks")] + ["encode.blocks=[0,1,2]", "optim.epochs=1"]
-    result = pretrain(images, tmp_path / "student", teacher=sd_folder, overrides=overrides, progress=False)
+    result = pretrain(images, tmp_path / "student", teacher=sd_folder, preset=TINY_PRESET,
+                      overrides=["encode.blocks=[0,1,2]", "optim.epochs=1"], progress=False)
     assert result.steps == 1 and result.final_loss is not None
     assert (tmp_path / "student" / "backbone.safetensors").is_file()

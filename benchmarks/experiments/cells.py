@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import dreamteacher as dt
-from dreamteacher.bench.recipes import DEVICE_SETTINGS, Bench, deep_merge as _deep_merge, eval_sets, load_recipe
+from dreamteacher.bench.recipes import DEVICE_SETTINGS, Bench, eval_sets, load_recipe
+from dreamteacher.core.config import deep_merge
 
 recipe = load_recipe("camvid-cpu")
 root = Path(recipe["data"]["root"])
@@ -40,7 +41,7 @@ def miou_at_1_30(backbone: Path | None, out: Path, seeds=(0, 1, 2), device: str 
             cell_settings = {"optim": {"iterations": recipe["iterations"]["1-30"]}, "trainer": {"seed": seed}}
             dt.finetune(backbone, data / "train", data / "trainannot", cell,
                         split=data / recipe["data"]["splits"]["1-30"], preset="camvid-cpu",
-                        overrides=_deep_merge(cell_settings, overrides or {}, DEVICE_SETTINGS[device]),
+                        overrides=deep_merge(cell_settings, overrides or {}, DEVICE_SETTINGS[device]),
                         resume=interrupted(cell), progress=False, decoder=decoder)
         scores.append(dt.evaluate(cell, data / "val", data / "valannot").miou)
     return scores

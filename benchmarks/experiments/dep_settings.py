@@ -20,7 +20,8 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, heldout_miou_at_1_30, interrupted, miou_at_1_30, root
-from dreamteacher.bench.recipes import DEVICE_SETTINGS, deep_merge as _deep_merge, load_recipe
+from dreamteacher.bench.recipes import DEVICE_SETTINGS, load_recipe
+from dreamteacher.core.config import deep_merge
 from dreamteacher.core.config import parse_overrides
 
 parser = argparse.ArgumentParser()
@@ -36,9 +37,9 @@ args = parser.parse_args()
 
 data_root = Path(args.data_root)
 recipe = load_recipe("camvid-cpu")
-pretrain_overrides = _deep_merge(recipe["method_overrides"]["dep"], parse_overrides(args.settings),
+pretrain_overrides = deep_merge(recipe["method_overrides"]["dep"], parse_overrides(args.settings),
                                  DEVICE_SETTINGS[args.device])
-unet = _deep_merge({"model": {"head": "unet"}}, parse_overrides(args.finetune_settings))
+unet = deep_merge({"model": {"head": "unet"}}, parse_overrides(args.finetune_settings))
 tag = hashlib.sha256(json.dumps(args.finetune_settings).encode()).hexdigest()[:8] if args.finetune_settings else "recipe"
 out = Path(args.out) / f"dep-{args.name}" / f"finetune-{tag}"
 pretrained = Path(args.out) / f"dep-{args.name}" / "pretrain"

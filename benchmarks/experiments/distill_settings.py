@@ -22,7 +22,8 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, heldout_miou_at_1_30, interrupted, miou_at_1_30, root
-from dreamteacher.bench.recipes import DEVICE_SETTINGS, _deep_merge
+from dreamteacher.bench.recipes import DEVICE_SETTINGS
+from dreamteacher.core.config import deep_merge
 from dreamteacher.core.config import build_config, parse_overrides
 
 parser = argparse.ArgumentParser()
@@ -38,7 +39,7 @@ args = parser.parse_args()
 data_root = Path(args.data_root)
 out = Path(args.out) / f"distill-{args.name}"
 teacher = args.teacher / "teacher" if (args.teacher / "teacher").is_dir() else args.teacher
-overrides = _deep_merge(parse_overrides(args.settings), DEVICE_SETTINGS[args.device])
+overrides = deep_merge(parse_overrides(args.settings), DEVICE_SETTINGS[args.device])
 cache = None
 if args.cache:  # one cache per encoding (t, blocks, mode); loss settings share it
     encode = build_config("camvid-cpu", overrides).encode

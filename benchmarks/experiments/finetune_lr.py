@@ -27,7 +27,7 @@ seeds = (0, 1, 2)
 
 
 def scores(backbone: Path | None, folder: Path, scale: float) -> dict:
-    val = miou_at_1_30(backbone, folder, seeds, overrides={"optim": {"backbone_lr_scale": scale}})
+    val = miou_at_1_30(backbone, folder, seeds, overrides={"lab": {"backbone_lr_scale": scale}})
     held = heldout_miou_at_1_30(folder, seeds)
     return {"val": val, "heldout": held, "val_mean": sum(val) / len(val), "heldout_mean": sum(held) / len(held)}
 

@@ -14,7 +14,7 @@ from cells import miou_at_1_30
 bench = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/camvid-cpu-contrastive")
 out = Path("benchmarks/experiments/runs/pcd-without-normrescale")
 scores = miou_at_1_30(bench / "runs" / "pretrain-pcd" / "backbone.safetensors", out,
-                      overrides={"model": {"norm_rescale": 1.0}})
+                      overrides={"lab": {"norm_rescale": 1.0}})
 with_rescale = [json.loads(next(cell.glob("eval-*.json")).read_text())["miou"]
                 for cell in sorted((bench / "runs" / "cells" / "pcd--upernet").glob("1-30-seed*"))]
 result = {"pcd_1_30_without_normrescale": scores, "mean_without": sum(scores) / len(scores),

@@ -27,7 +27,7 @@ from pathlib import Path
 from cells import recipe, recipe_bench, root, score_into
 from dreamteacher.bench.pipeline import stage
 
-from dreamteacher.bench.recipes import deep_merge as _deep_merge
+from dreamteacher.core.config import deep_merge
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=str(root))
@@ -42,13 +42,13 @@ lars = {"moco-teacher": {"name": "lars", "base_lr": 0.6, "weight_decay": 1e-6},
 lars_spec = copy.deepcopy(recipe)
 for method, optim in lars.items():
     lars_spec["method_overrides"][method]["optim"].update(optim)
-norm_rescale = {"model": {"norm_rescale": 0.25}}
+norm_rescale = {"lab": {"norm_rescale": 0.25}}
 
 table = recipe_bench(lars_spec, out, data)
 teacher = stage(table, "moco-teacher")
 pcd = stage(table, "pcd")
 variant_spec = copy.deepcopy(lars_spec)
-variant_spec["method_overrides"]["pcd-queue256"] = _deep_merge(lars_spec["method_overrides"]["pcd"],
+variant_spec["method_overrides"]["pcd-queue256"] = deep_merge(lars_spec["method_overrides"]["pcd"],
                                                                {"contrast": {"queue_size": 256}})
 variant_spec["stages"]["pcd-queue256"] = {"method": "pcd", "teacher": "moco-teacher"}
 pcd_queue256 = stage(recipe_bench(variant_spec, out, data), "pcd-queue256")

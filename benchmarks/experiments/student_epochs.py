@@ -14,7 +14,8 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, interrupted, miou_at_1_30, root
-from dreamteacher.bench.recipes import DEVICE_SETTINGS, _deep_merge
+from dreamteacher.bench.recipes import DEVICE_SETTINGS
+from dreamteacher.core.config import deep_merge
 
 parser = argparse.ArgumentParser()
 parser.add_argument("epochs", type=int, nargs="?", default=90)
@@ -29,7 +30,7 @@ out = Path(args.out) / (f"student-{args.epochs}ep" + ("" if args.device == "cpu"
 student = out / "student"
 if not finished(student):
     dt.pretrain(data_root / "train", student, teacher=Path(args.bench) / "runs" / "teacher" / "teacher",
-                preset="camvid-cpu", overrides=_deep_merge({"optim": {"epochs": args.epochs}}, DEVICE_SETTINGS[args.device]),
+                preset="camvid-cpu", overrides=deep_merge({"optim": {"epochs": args.epochs}}, DEVICE_SETTINGS[args.device]),
                 resume=interrupted(student), progress=False)
 summary = json.loads((student / "run.json").read_text())
 scores = miou_at_1_30(student / "backbone.safetensors", out, device=args.device, data_root=data_root)

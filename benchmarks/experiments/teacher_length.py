@@ -15,7 +15,8 @@ from pathlib import Path
 
 import dreamteacher as dt
 from cells import finished, interrupted, miou_at_1_30, root
-from dreamteacher.bench.recipes import DEVICE_SETTINGS, _deep_merge
+from dreamteacher.bench.recipes import DEVICE_SETTINGS
+from dreamteacher.core.config import deep_merge
 
 parser = argparse.ArgumentParser()
 parser.add_argument("steps", type=int)
@@ -33,7 +34,7 @@ device = DEVICE_SETTINGS[args.device]
 teacher = out / "teacher"
 if not finished(teacher):
     teacher_settings = {"teacher_train": {"max_steps": args.steps, "crop": args.crop}}
-    dt.train_teacher(data_root / "train", teacher, preset="camvid-cpu", overrides=_deep_merge(teacher_settings, device),
+    dt.train_teacher(data_root / "train", teacher, preset="camvid-cpu", overrides=deep_merge(teacher_settings, device),
                      resume=interrupted(teacher), progress=False)
 student = out / "student"
 if not finished(student):

@@ -13,10 +13,10 @@ the bench's own left alone). Resumable; the table is OUT/unseen-NAME/results.md.
 
     python benchmarks/experiments/unseen_settings.py baseline --untrained
     python benchmarks/experiments/unseen_settings.py t150 --set encode.t=150
-    python benchmarks/experiments/unseen_settings.py crop --set data.crop_scale=[0.35,1.0]
+    python benchmarks/experiments/unseen_settings.py crop --set lab.crop_scale=[0.35,1.0]
     python benchmarks/experiments/unseen_settings.py mix-ld16 --row dt-mix --set loss.ld_weight=16
     python benchmarks/experiments/unseen_settings.py interp-w256 --row teacher-interpreter --interpreter-set interpreter.width=256
-    python benchmarks/experiments/unseen_settings.py ft-bb03 --scratch --finetune-set optim.backbone_lr_scale=0.3
+    python benchmarks/experiments/unseen_settings.py ft-bb03 --scratch --finetune-set lab.backbone_lr_scale=0.3
 """
 
 import argparse
@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from cells import recipe, root
-from dreamteacher.bench.recipes import deep_merge as _deep_merge
+from dreamteacher.core.config import deep_merge
 from dreamteacher.bench.runner import bench
 from dreamteacher.core.config import parse_overrides
 
@@ -57,14 +57,14 @@ spec = copy.deepcopy(recipe)
 spec["name"] = f"camvid-cpu, experiment {args.name}"
 students = parse_overrides(args.settings)
 teachers = parse_overrides(args.teacher_settings)
-spec["pretrain_overrides"] = _deep_merge(spec.get("pretrain_overrides") or {}, teachers)
-spec["interpreter_overrides"] = _deep_merge(spec.get("interpreter_overrides") or {},
+spec["pretrain_overrides"] = deep_merge(spec.get("pretrain_overrides") or {}, teachers)
+spec["interpreter_overrides"] = deep_merge(spec.get("interpreter_overrides") or {},
                                             parse_overrides(args.interpreter_settings))
-spec["finetune_overrides"] = _deep_merge(spec.get("finetune_overrides") or {},
+spec["finetune_overrides"] = deep_merge(spec.get("finetune_overrides") or {},
                                          parse_overrides(args.finetune_settings))
 overrides = spec.setdefault("method_overrides", {})
 for row in (args.row, "dt-feat-untrained"):  # the students' settings, not the teacher's
-    overrides[row] = _deep_merge(overrides.get(row) or {}, students)
+    overrides[row] = deep_merge(overrides.get(row) or {}, students)
 spec["rows"] = [{"method": args.row, "head": "interpreter" if args.row == "teacher-interpreter" else "upernet"}]
 if args.untrained:
     spec["rows"].append({"method": "dt-feat-untrained", "head": "upernet"})

@@ -17,9 +17,12 @@ writes its folder through `RunFolder`, so a file name is spelled once.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,64 @@ def atomic_write(path: Path, write: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# renameat2's RENAME_EXCHANGE (Linux 3.15+, glibc 2.28+): two paths swapped in one atomic step
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically where the system can; False where it cannot (then nothing moved)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):  # a file system without exchange
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def old_folder(target: Path) -> Path:
+    return target.with_name(target.name + ".old")
+
+
+def recover_folder(target: Path) -> Path:
+    """Puts back the old folder that a replacement killed between its two renames left under `.old`
+    (the fallback where the file system cannot swap two paths in one step); removes a leftover `.old`
+    once the new folder is in place."""
+    target, old = Path(target), old_folder(Path(target))
+    if old.exists():
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, target)
+    return target
+
+
+def replace_folder(new: Path, target: Path) -> Path:
+    """The complete folder `new` becomes `target`, replacing what was there, so that a kill at any
+    moment leaves the old folder or the new one at `target`, never neither and never a mix: the two
+    are swapped in one atomic step (renameat2 RENAME_EXCHANGE), then the old one, now at `new`'s path,
+    is deleted (a kill before that leaves it there, and the next build in `new`'s place removes it).
+    Where the file system cannot swap, the old folder is first renamed to `target.old`, which
+    `recover_folder` puts back if a kill comes before the new one is in place."""
+    new, target = Path(new), Path(target)
+    recover_folder(target)
+    if not target.exists():
+        os.replace(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)
+    else:
+        os.replace(target, old_folder(target))
+        os.replace(new, target)
+        shutil.rmtree(old_folder(target))
+    return target
 
 
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
@@ -148,6 +209,7 @@ class RunFolder:
                             "or choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
         self.remove_partial_files()
+        recover_folder(self.path / TEACHER)  # a teacher whose replacement was killed midway
         return self.checkpoint if resume else None
 
     def remove_partial_files(self) -> list[Path]:

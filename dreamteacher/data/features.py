@@ -35,10 +35,18 @@ class FeatureSpec:
     stride: int
 
 
+def shard_stamp(shard: Path) -> str:
+    """A tar shard's size and modification time: a shard is written once, and hashing terabytes of them
+    to key a cache would cost a pass over the data."""
+    stat = Path(shard).stat()
+    return f"shard:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def images_fingerprint(dataset: ImageFolder) -> str:
     """Names and content digests of the images, in dataset order (the cache is indexed like the
-    dataset): an image replaced by another of the same name and size changes it."""
-    named = [(name, file_digest(path)) for name, path in zip(dataset.names, dataset.paths)]
+    dataset): an image replaced by another of the same name and size changes it (images in shards:
+    their shard's size and time, `shard_stamp`)."""
+    named = [(ref.name, file_digest(ref.path) if ref.member < 0 else shard_stamp(ref.path)) for ref in dataset.refs]
     return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import io
+import os
+import tarfile
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,46 +18,219 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dreamteacher.core.errors import UserError
+from dreamteacher.core.runs import write_text_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def list_images(folder: str | Path, resolution: list[int] | None = None) -> list[Path]:
-    """All image files under `folder` (recursive, sorted), each checked to open; clear error otherwise.
-    With `resolution` ([height, width] the images will be resized to), one warning says how many are
-    smaller (they are upscaled, which a user may not expect) and the smallest of them.
+BAD_IMAGE_RULES = ("skip", "error")
+SKIPPED_FILE = "skipped-images.txt"  # in a run folder: what its --data held that is not a readable image
+SHARD_SUFFIX = ".tar"
 
-    Only headers are read here, so this is fast even for large folders; files whose pixels turn out
-    to be corrupt fail later with their name (see `load_rgb`).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    images = []
-    small: list[tuple[int, int, Path]] = []
-    for path in paths:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise UserError(f"not an image file (expected one of {sorted(IMAGE_SUFFIXES)}): {path}")
-        if path.stat().st_size == 0:
-            raise UserError(f"empty (zero-byte) image file: {path}")
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise UserError(f"unreadable image file: {path} ({exc.__class__.__name__})") from None
-        if resolution is not None and (height < resolution[0] or width < resolution[1]):
-            small.append((width * height, f"{width}x{height}", path))
-        images.append(path)
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of the data: a file, or sample `member` of a tar shard (webdataset layout)."""
+
+    name: str  # stable and unique: the path relative to its source (prefixed `i/` with several sources)
+    path: Path  # the file, or the shard
+    member: int = -1  # the sample's index in its shard (wids' numbering); -1 for a plain file
+
+
+@dataclass
+class Listing:
+    """What `--data` holds: the images to train on, and what was skipped, with why."""
+
+    images: list[ImageRef]
+    skipped: list[tuple[str, str]]  # (file or shard member, reason)
+    shards: list[Path]  # the tar shards read, in order (none for folders and lists)
+
+
+def as_sources(data: str | Path | list | tuple) -> list[Path | str]:
+    """`data` as a list of sources (a folder, a text file of paths, a shard pattern, or several)."""
+    return list(data) if isinstance(data, (list, tuple)) else [data]
+
+
+def is_shard_pattern(source: str | Path) -> bool:
+    text = str(source)
+    return text.endswith(SHARD_SUFFIX) and ("{" in text or "*" in text or "?" in text or Path(text).is_file())
+
+
+def expand_shards(pattern: str) -> list[Path]:
+    """'shards/{000000..000099}.tar' (brace ranges, webdataset's notation) or 'shards/*.tar' -> the
+    shard files, in order; one line when the pattern matches nothing."""
+    from braceexpand import braceexpand  # noqa: PLC0415 - a dependency of wids, needed for shard patterns only
+
+    names = [name for part in braceexpand(str(pattern)) for name in (sorted(glob.glob(part)) if glob.has_magic(part)
+                                                                      else [part])]
+    missing = [name for name in names if not Path(name).is_file()]
+    if not names or len(missing) == len(names):
+        raise UserError(f"--data {pattern}: the shard pattern matches no file")
+    if missing:
+        raise UserError(f"--data {pattern}: {len(missing)} of its {len(names)} shards are missing (e.g. {missing[0]})")
+    return [Path(name) for name in names]
+
+
+def _sample_key(member_name: str) -> str | None:
+    """webdataset's sample key of a tar member: its path up to the first dot of its file name."""
+    head, _, base = member_name.rpartition("/")
+    if "." not in base:
+        return None
+    return (head + "/" if head else "") + base.split(".", 1)[0]
+
+
+def _shard_samples(shard: Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """(key, [(member name, data offset, size)]) of every sample in a tar shard, in order, grouped as
+    wids groups them (consecutive members of one key). Headers only: the data is skipped."""
+    samples: list[tuple[str, list]] = []
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key = _sample_key(info.name)
+                if key is None:
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, []))
+                samples[-1][1].append((info.name, info.offset_data, info.size))
+    except (tarfile.TarError, OSError) as exc:
+        raise UserError(f"--data shard {shard}: not a readable tar file ({exc.__class__.__name__})") from None
+    return samples
+
+
+def _read_header(opener, label: str) -> tuple[int, int] | str:
+    """(width, height) from an image's header, or why it cannot be read."""
+    try:
+        with Image.open(opener()) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image ({exc.__class__.__name__})"
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file under `folder`, recursively, hidden files and folders left out, sorted by path."""
+    found: list[Path] = []
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=True):
+                    found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def list_sources(data, resolution: list[int] | None = None, on_bad_image: str = "skip") -> Listing:
+    """The images of `data`: a folder (recursive), a text file naming image files (one per line,
+    relative to its own folder; `#` comments), a pattern of tar shards in webdataset's layout
+    ('shards/{000000..000099}.tar', one image per sample key), or a list of these (used together).
+
+    Only headers are read, so listing is fast at scale. A file that is not an image (a labels.csv, a
+    README) is skipped and counted; so is an unreadable image, or one named that does not exist,
+    unless `on_bad_image` is "error" (one line naming it). With `resolution`, one warning says how
+    many images are smaller (they are upscaled). No readable image at all is one line."""
+    if on_bad_image not in BAD_IMAGE_RULES:
+        raise UserError(f"data.on_bad_image must be 'skip' or 'error', got '{on_bad_image}'")
+    sources = as_sources(data)
+    images: list[ImageRef] = []
+    skipped: list[tuple[str, str]] = []
+    shards: list[Path] = []
+    small: list[tuple[int, str, str]] = []
+
+    def bad(where: str, why: str) -> None:
+        if on_bad_image == "error":
+            raise UserError(f"{why}: {where} (data.on_bad_image=skip skips and counts such files)")
+        skipped.append((where, why))
+
+    def add(name: str, path: Path, member: int, size: tuple[int, int] | str) -> None:
+        if isinstance(size, str):
+            bad(f"{path}" + (f" [{name}]" if member >= 0 else ""), size)
+            return
+        if resolution is not None and (size[1] < resolution[0] or size[0] < resolution[1]):
+            small.append((size[0] * size[1], f"{size[0]}x{size[1]}", name))
+        images.append(ImageRef(name, path, member))
+
+    for i, source in enumerate(sources):
+        prefix = f"{i}/" if len(sources) > 1 else ""
+        if is_shard_pattern(source):
+            for shard in expand_shards(str(source)):
+                shard_index = len(shards)
+                shards.append(shard)
+                for member, (key, files) in enumerate(_shard_samples(shard)):
+                    pictures = [f for f in files if Path(f[0]).suffix.lower() in IMAGE_SUFFIXES]
+                    if not pictures:
+                        skipped.append((f"{shard} [{key}]", "no image in the sample"))
+                        continue
+                    _, offset, size = pictures[0]
+
+                    def opener(shard=shard, offset=offset, size=size):
+                        with open(shard, "rb") as f:
+                            f.seek(offset)
+                            return io.BytesIO(f.read(size))
+                    header = _read_header(opener, key) if size else "empty image file (zero bytes)"
+                    add(f"{prefix}{shard_index}:{key}", shard, member, header)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            files = _walk(path)
+            root = path
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            files, root = [path], path.parent
+        elif path.is_file():  # a text file of image paths
+            root = path.parent
+            try:
+                lines = path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserError(f"--data {path}: not a folder, an image, a text file of paths or a .tar shard "
+                                f"pattern ({exc.__class__.__name__})") from None
+            files = [root / line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        else:
+            raise UserError(f"--data {path}: not found (a folder, a text file of image paths, or a .tar shard pattern)")
+        for file in files:
+            name = prefix + (str(file.relative_to(root)) if file.is_relative_to(root) else str(file))
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(file), "not an image file"))
+            elif not file.is_file():
+                bad(str(file), "image file not found")
+            elif file.stat().st_size == 0:
+                bad(str(file), "empty image file (zero bytes)")
+            else:
+                add(name, file, -1, _read_header(lambda file=file: file, name))
     if not images:
-        raise UserError(f"no images found in {folder}")
+        what = ", ".join(str(s) for s in sources)
+        detail = f" ({len(skipped)} files skipped, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise UserError(f"no readable image in {what}{detail}")
     if small:
-        _, size, path = min(small)
-        warnings.warn(f"{len(small)} of {len(images)} images in {folder} are smaller than the training resolution "
-                      f"{resolution[1]}x{resolution[0]} (the smallest: {path.name}, {size}); they are upscaled",
-                      stacklevel=3)
-    return images
+        _, size, name = min(small)
+        warnings.warn(f"{len(small)} of {len(images)} images in {', '.join(map(str, sources))} are smaller than the "
+                      f"training resolution {resolution[1]}x{resolution[0]} (the smallest: {name}, {size}); they are "
+                      "upscaled", stacklevel=3)
+    return Listing(images, skipped, shards)
+
+
+def list_images(folder: str | Path, resolution: list[int] | None = None, on_bad_image: str = "error") -> list[Path]:
+    """The image files of a folder (labeled data: every image must be readable unless told otherwise);
+    files that are not images are skipped."""
+    if not Path(folder).is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    return [ref.path for ref in list_sources(folder, resolution, on_bad_image).images]
+
+
+def write_skipped(listing: Listing, run_dir: Path) -> str | None:
+    """RUN/skipped-images.txt (reason, tab, file) when `--data` held anything skipped; the one line
+    that says so (None when nothing was)."""
+    if not listing.skipped:
+        return None
+    path = write_text_atomic(Path(run_dir) / SKIPPED_FILE, "".join(f"{why}\t{where}\n" for where, why in listing.skipped))
+    reasons: dict[str, int] = {}
+    for _, why in listing.skipped:
+        reasons[why.split(" (")[0]] = reasons.get(why.split(" (")[0], 0) + 1
+    counted = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"data: {len(listing.images)} images; skipped {len(listing.skipped)} ({counted}), listed in {path}"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -98,45 +278,88 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
-def as_sources(data: str | Path | list | tuple) -> list[Path]:
-    """`data` as a list of sources (a folder, or several together)."""
-    return [Path(d) for d in data] if isinstance(data, (list, tuple)) else [Path(data)]
+class ShardReader:
+    """Reads samples of tar shards by (shard, index) through webdataset's indexed reader (`wids`: each
+    shard memory-mapped and indexed from its headers once), a few shards open at a time per process.
+    Opened lazily, so a dataset holding one pickles into loader workers."""
+
+    def __init__(self, shards: list[Path], open_at_most: int = 16):
+        self.shards, self.open_at_most = list(shards), open_at_most
+        self._open: OrderedDict[int, object] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {"shards": self.shards, "open_at_most": self.open_at_most, "_open": OrderedDict()}
+
+    def read(self, shard: int, member: int) -> io.BytesIO:
+        """The image bytes of sample `member` of shard `shard`."""
+        samples = self._open.get(shard)
+        if samples is None:
+            from wids.wids import IndexedTarSamples  # noqa: PLC0415 - needed for shard data only
+
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line for each odd member name
+                samples = IndexedTarSamples(path=str(self.shards[shard]))
+            self._open[shard] = samples
+            while len(self._open) > self.open_at_most:
+                self._open.popitem(last=False)[1].close()
+        self._open.move_to_end(shard)
+        sample = samples[member]
+        extension = next(ext for ext in sample if ext.lower() in IMAGE_SUFFIXES)
+        return sample[extension]
 
 
 class ImageFolder(Dataset):
     """Images in [-1, 1], CHW, at a fixed resolution; random horizontal flip when `hflip`, then a
     random [height, width] `crop` of the resized image when given (the object scale is kept).
 
-    `folder` is one folder or a list of them (their images together, in the order given). `names`
-    says which image each index is: its path relative to its folder (prefixed `i/` with several).
-    Small folders are decoded once and kept in memory (they are re-read every epoch otherwise).
+    `folder` is whatever `list_sources` reads: a folder, a text file of paths, tar shards, or a list of
+    them; `names` says which image each index is (stable names, the feature cache's key). An image
+    whose pixels turn out unreadable when it is decoded (its header was fine) is replaced by the next
+    image and reported (`data.on_bad_image=error`: one line naming it instead).
+    Small datasets are decoded once and kept in memory (they are re-read every epoch otherwise).
     """
 
-    def __init__(self, folder: str | Path | list, resolution: list[int], hflip: bool = True,
-                 cache_in_memory: bool | None = None, crop: list[int] | None = None):
-        sources = as_sources(folder)
-        self.paths, self.names = [], []
-        for i, source in enumerate(sources):
-            listed = list_images(source, resolution)
-            self.paths += listed
-            prefix = f"{i}/" if len(sources) > 1 else ""
-            self.names += [prefix + str(path.relative_to(source)) for path in listed]
+    def __init__(self, folder, resolution: list[int], hflip: bool = True, cache_in_memory: bool | None = None,
+                 crop: list[int] | None = None, on_bad_image: str = "skip"):
+        self.listing = list_sources(folder, resolution, on_bad_image)
+        self.refs = self.listing.images
+        self.paths = [ref.path for ref in self.refs]
+        self.names = [ref.name for ref in self.refs]
+        self.on_bad_image = on_bad_image
+        self.reader = ShardReader(self.listing.shards) if self.listing.shards else None
+        self._shard_index = {path: i for i, path in enumerate(self.listing.shards)}
         self.height, self.width = resolution
         self.hflip = hflip
         self.crop = crop
         if cache_in_memory is None:  # ~190 KB per image at 256x256: as uint8: keep up to ~1 GB
-            cache_in_memory = len(self.paths) * 3 * self.height * self.width <= 1 << 30
+            cache_in_memory = len(self.refs) * 3 * self.height * self.width <= 1 << 30
         self._cache: dict[int, torch.Tensor] | None = {} if cache_in_memory else None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.refs)
+
+    def open_image(self, index: int) -> Image.Image:
+        ref = self.refs[index]
+        if ref.member < 0:
+            return load_rgb(ref.path)
+        try:
+            with Image.open(self.reader.read(self._shard_index[ref.path], ref.member)) as img:
+                return to_rgb(img)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"unreadable image file: {ref.path} [{ref.name}] ({exc})") from None
 
     def load(self, index: int) -> torch.Tensor:
         """uint8 CHW at the dataset resolution."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        img = resize_center_crop(load_rgb(self.paths[index]), self.height, self.width)
-        tensor = pil_to_uint8(img)
+        for attempt in range(len(self.refs)):
+            try:
+                img = self.open_image((index + attempt) % len(self.refs))
+                break
+            except UserError as exc:
+                if self.on_bad_image == "error":
+                    raise
+                warnings.warn(f"{exc}; the next image is used in its place (data.on_bad_image=skip)", stacklevel=2)
+        tensor = pil_to_uint8(resize_center_crop(img, self.height, self.width))
         if self._cache is not None:
             self._cache[index] = tensor
         return tensor

@@ -120,7 +120,7 @@ class PretrainMethod(SeedsOnHost):
 
     @classmethod
     def image_folder(cls, folder: str | Path, config: Config) -> ImageFolder:
-        return ImageFolder(folder, config.data.resolution, hflip=config.data.hflip)
+        return ImageFolder(folder, config.data.resolution, hflip=config.data.hflip, on_bad_image=config.data.on_bad_image)
 
     @classmethod
     def needs_noise(cls, config: Config, inputs: PretrainInputs) -> bool:
@@ -230,7 +230,7 @@ class TeacherTrainer(SeedsOnHost):
     @classmethod
     def image_folder(cls, data: Any, config: Config) -> ImageFolder:
         """The training images (default: at `data.resolution`, flipped as `data.hflip` says)."""
-        return ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+        return ImageFolder(data, config.data.resolution, hflip=config.data.hflip, on_bad_image=config.data.on_bad_image)
 
     @classmethod
     def dataset(cls, images: ImageFolder, config: Config) -> Dataset:

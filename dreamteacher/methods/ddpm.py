@@ -62,7 +62,8 @@ class TeacherTraining(TeacherTrainer):
     @classmethod
     def image_folder(cls, data, config: Config) -> ImageFolder:
         crop = config.teacher_train.crop or None  # the object scale of the whole frame, at a fraction of the cost
-        return ImageFolder(data, config.data.resolution, hflip=config.data.hflip, crop=crop)
+        return ImageFolder(data, config.data.resolution, hflip=config.data.hflip, crop=crop,
+                           on_bad_image=config.data.on_bad_image)
 
     @classmethod
     def dataset(cls, images: ImageFolder, config: Config) -> Dataset:

@@ -86,7 +86,8 @@ class DenoisingPretraining(PretrainMethod):
 
     @classmethod
     def image_folder(cls, folder: str | Path, config: Config) -> ImageFolder:
-        return ImageFolder(folder, config.data.resolution, hflip=config.data.hflip, crop=config.denoise.crop or None)
+        return ImageFolder(folder, config.data.resolution, hflip=config.data.hflip, crop=config.denoise.crop or None,
+                           on_bad_image=config.data.on_bad_image)
 
     @classmethod
     def needs_noise(cls, config: Config, inputs: PretrainInputs) -> bool:

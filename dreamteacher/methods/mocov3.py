@@ -58,7 +58,8 @@ class ContrastiveMethod(PretrainMethod):
 
     @classmethod
     def image_folder(cls, folder: str | Path, config: Config) -> ImageFolder:
-        return ImageFolder(folder, config.data.resolution, hflip=False)  # the views flip
+        return ImageFolder(folder, config.data.resolution, hflip=False,  # the views flip
+                           on_bad_image=config.data.on_bad_image)
 
     @classmethod
     def dataset(cls, images: ImageFolder, config: Config, inputs: PretrainInputs) -> Dataset:

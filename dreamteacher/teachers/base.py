@@ -23,6 +23,7 @@ from typing import Any, Callable
 from dreamteacher.core.config import Section, TrainerConfig, bounded, check_precision, register_section
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.registry import Registry
+from dreamteacher.core.runs import TEACHER, recover_folder
 
 
 @dataclass
@@ -80,6 +81,8 @@ def register_teacher_kind(kind: TeacherKind) -> TeacherKind:
 def teacher_kind(path: str | Path, families: tuple[str, ...]) -> TeacherKind:
     """The first registered kind of one of `families` that recognizes `path`."""
     path = Path(path)
+    if path.is_dir():
+        recover_folder(path / TEACHER)  # a train-teacher run whose teacher replacement was killed midway
     if not path.exists():
         raise UserError(f"teacher not found: {path}")
     kinds = [kind for _, kind in TEACHER_KINDS.items() if kind.family in families]

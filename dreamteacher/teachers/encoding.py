@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.hashing import file_digest
+from dreamteacher.core.runs import recover_folder, replace_folder
 from dreamteacher.data.features import FORMAT_VERSION, META_FILE, check_key, images_fingerprint, read_meta
 from dreamteacher.data.images import ImageFolder, uint8_to_unit
 from dreamteacher.teachers.diffusion import DiffusionTeacher
@@ -79,16 +79,14 @@ def build_cache(folder: Path, teacher: DiffusionTeacher, dataset: ImageFolder, k
             "bytes": need}
     (partial / META_FILE).write_text(json.dumps(meta, indent=2))
     del arrays
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(partial, folder)  # the only moment the cache appears: complete
+    replace_folder(partial, folder)  # the old cache or the new one at `folder`, whole, at every moment
     return meta
 
 
 def open_cache(folder: str | Path, teacher_path: str | Path, teacher: DiffusionTeacher, dataset: ImageFolder,
                encodings: int, device: torch.device, rebuild: bool = False, progress: bool = True) -> dict:
     """The cache's meta, after building it when absent (or when `rebuild`); refused when stale."""
-    folder = Path(folder)
+    folder = recover_folder(Path(folder))
     if encodings < 1:
         raise UserError(f"encode.cache_encodings must be at least 1, got {encodings}")
     if folder.is_file():

@@ -30,7 +30,7 @@ from dreamteacher.nn.backbone import check_backbone_name
 from dreamteacher.nn.weights import load_timm_weights, non_finite_tensors
 from dreamteacher.teachers.base import load_teacher
 from dreamteacher.teachers.encoding import open_cache, wait_for_cache
-from dreamteacher.workflows.teacher import resolve_config, summary
+from dreamteacher.workflows.teacher import report_data, resolve_config, summary
 
 
 @dataclass
@@ -83,6 +83,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
             reference_feats = [f.cpu() for f in inputs.teacher_model.encode(probe_data.pictures)]
         reference = lambda images: reference_feats  # noqa: E731
     ckpt = run.start(resume)  # before a cache build: a refused run costs nothing
+    report_data(images, run)
     dataset = images
     if inputs.cache is not None:
         dataset = cached_dataset(inputs, images, config, rebuild_cache, progress)
@@ -218,7 +219,7 @@ def build_feature_cache(data: str | Path, cache: str | Path, teacher: str | Path
     inputs = PretrainInputs(teacher=str(teacher), cache=str(cache))
     inputs.teacher_model = load_teacher(teacher, config, ("diffusion", "gan"))
     inputs.teacher_model.check_resolution(*config.data.resolution)
-    images = ImageFolder(data, config.data.resolution, hflip=config.data.hflip)
+    images = ImageFolder(data, config.data.resolution, hflip=config.data.hflip, on_bad_image=config.data.on_bad_image)
     existed = read_meta(Path(cache)) is not None
     start = time.perf_counter()
     cached_dataset(inputs, images, config, rebuild=False, progress=progress)

@@ -3,15 +3,17 @@ untrained control, and `sample`."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from dreamteacher.analysis.pictures import save_grid
 from dreamteacher.core.config import build_config, merge_overrides
-from dreamteacher.core.runs import TEACHER, RunFolder
+from dreamteacher.core.hardware import say
+from dreamteacher.core.runs import TEACHER, RunFolder, replace_folder
+from dreamteacher.data.images import write_skipped
 from dreamteacher.data.sampling import SeededSamples
 from dreamteacher.engine import trainer as engine
 from dreamteacher.engine.trainer import RunResult
@@ -30,14 +32,12 @@ def resolve_config(run: RunFolder, preset: str | None, overrides: list[str] | di
 
 
 def save_atomically(folder: Path, save) -> Path:
-    """`save(temp_folder)` then one rename over `folder`: a killed save leaves no half-written teacher."""
+    """`save(temp_folder)` then an atomic replacement of `folder` (core.runs.replace_folder): a kill at
+    any moment leaves the previous teacher or the new one, whole."""
     partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
     save(partial)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
-    return folder
+    return replace_folder(partial, folder)
 
 
 def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
@@ -58,6 +58,7 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     trainer_cls.check_config(config)
     ckpt = run.start(resume)
     run.save_config(config)
+    report_data(images, run)
     engine.seed_everything(config.trainer.seed)
     tt = config.teacher_train
     steps_per_iteration = trainer_cls.optimizer_steps_per_iteration
@@ -76,6 +77,15 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
         save_atomically(run / TEACHER, module.save_teacher)
         run.write_summary(summary(result, module.hparams["method"], epochs=result.steps * tt.batch_size / len(dataset)))
     return result
+
+
+def report_data(images, run: RunFolder) -> None:
+    """What `--data` held beyond readable images: listed in RUN/skipped-images.txt, said in one line."""
+    listing = getattr(images, "listing", None)
+    if listing is not None and rank_zero_only.rank == 0:
+        note = write_skipped(listing, run.path)
+        if note:
+            say(note)
 
 
 def summary(result: RunResult, method: str, epochs: float, **extra) -> dict:
