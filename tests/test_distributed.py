@@ -74,6 +74,56 @@ CURVE_TOLERANCE = 0.08  # any one step
 MEAN_TOLERANCE = 0.04  # over the curve
 
 
+def assert_same_curve(one: list[float], other: list[float], what: str) -> None:
+    assert len(one) == len(other), f"{what}: {len(other)} steps against {len(one)}"
+    gaps = [abs(a - b) / a for a, b in zip(one, other)]
+    for step, (a, b) in enumerate(zip(one, other)):
+        assert gaps[step] <= CURVE_TOLERANCE, f"step {step}: one process {a:.4f}, {what} {b:.4f}"
+    assert sum(gaps) / len(gaps) <= MEAN_TOLERANCE, f"curves: one process {one}, {what} {other}"
+
+
+def test_a_global_batch_gives_the_same_curve_at_any_device_count_and_micro_batch(tmp_path, tiny_teacher_dir):
+    """optim.batch_size is the global batch: 1 process x 16, 2 gloo processes x micro-batches of 4 x 2
+    accumulated, and 1 process x 4 x 4 accumulated see the same samples per step at the same learning
+    rate; only BatchNorm's statistics differ (over 16, 8 or 4 images): within the DDP parity tolerance.
+    Each step's logged loss is its global batch's."""
+    images = write_images(tmp_path / "images", count=32)
+    common = ["--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress", "--preset", str(TINY_PRESET),
+              "--set", "optim.batch_size=16", "--set", "optim.epochs=3", "--set", "trainer.checkpoint_every_n_steps=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    curves = {}
+    for name, extra in (("1 x 16", []), ("2 x 4 x 2", ["trainer.devices=2", "trainer.strategy=ddp", "optim.micro_batch=4"]),
+                        ("1 x 4 x 4", ["optim.micro_batch=4"])):
+        args = [*CLI, "pretrain", *common, "--out", str(tmp_path / name.replace(" ", ""))]
+        for item in extra:
+            args += ["--set", item]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        curves[name] = losses(tmp_path / name.replace(" ", ""))
+    assert len(curves["1 x 16"]) == 6
+    assert_same_curve(curves["1 x 16"], curves["2 x 4 x 2"], "2 processes x 4 x 2 accumulated")
+    assert_same_curve(curves["1 x 16"], curves["1 x 4 x 4"], "1 process x 4 x 4 accumulated")
+
+
+def test_a_micro_batch_that_does_not_fit_the_global_batch_is_one_line(tmp_path, tiny_teacher_dir, capsys):
+    from dreamteacher.cli import main
+
+    images = write_images(tmp_path / "images", count=16)
+    common = ["pretrain", "--teacher", str(tiny_teacher_dir), "--data", str(images), "--no-progress",
+              "--preset", str(TINY_PRESET)]
+    for extra, message in ((["optim.micro_batch=8"], "optim.micro_batch=8 is larger than the global batch "
+                                                     "optim.batch_size=4"),
+                           (["optim.batch_size=8", "optim.micro_batch=3"], "optim.micro_batch=3 does not divide the 8 "
+                                                                           "images each of the 1 processes takes")):
+        args = [*common, "--out", str(tmp_path / "x")]
+        for item in extra:
+            args += ["--set", item]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_two_process_gloo_run_follows_the_one_process_curve_and_resumes_at_another_size(tmp_path,
                                                                                         tiny_teacher_dir):
     images = write_images(tmp_path / "images", count=32)
@@ -92,10 +142,7 @@ def test_two_process_gloo_run_follows_the_one_process_curve_and_resumes_at_anoth
     pretrain(tmp_path / "two", "trainer.devices=2", "trainer.strategy=ddp")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6  # 2 steps per epoch: the global batch is split, not doubled
-    gaps = [abs(a - b) / a for a, b in zip(one, two)]
-    for step, (a, b) in enumerate(zip(one, two)):
-        assert gaps[step] <= CURVE_TOLERANCE, f"step {step}: one process {a:.4f}, two processes {b:.4f}"
-    assert sum(gaps) / len(gaps) <= MEAN_TOLERANCE, f"curves: one process {one}, two processes {two}"
+    assert_same_curve(one, two, "two processes")
 
     # the two-process checkpoint continues in one process
     args = [*CLI, "pretrain", "--data", str(images), "--out", str(tmp_path / "two"), "--resume", "--no-progress",
@@ -116,11 +163,13 @@ class StopAt(Callback):
             raise RuntimeError("stopped")
 
 
-def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_teacher_dir):
+@pytest.mark.parametrize("micro_batch", [0, 2], ids=["whole batches", "micro-batches of 2, 2 accumulated"])
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_teacher_dir, micro_batch):
     images = write_images(tmp_path / "images", count=8)  # batch 4: 2 steps per epoch, 6 in all
-    whole = api.pretrain(images, tmp_path / "whole", tiny_teacher_dir, preset=TINY_PRESET, overrides=["optim.epochs=3"],
+    settings = ["optim.epochs=3", f"optim.micro_batch={micro_batch}"]
+    whole = api.pretrain(images, tmp_path / "whole", tiny_teacher_dir, preset=TINY_PRESET, overrides=settings,
                          progress=False)
-    job = api.prepare_pretraining(images, tmp_path / "cut", tiny_teacher_dir, preset=TINY_PRESET, overrides=["optim.epochs=3"],
+    job = api.prepare_pretraining(images, tmp_path / "cut", tiny_teacher_dir, preset=TINY_PRESET, overrides=settings,
                                   progress=False, callbacks=[StopAt(4)])
     with pytest.raises(RuntimeError, match="stopped"):
         job.trainer.fit(job.module, job.loader)

@@ -116,7 +116,11 @@ class OptimConfig(Section):
     weight_decay: float = bounded(0.05, low=0)
     betas: list[float] = bounded(low=0, high=1, high_open=True, factory=lambda: [0.9, 0.95])  # Adam family
     momentum: float = bounded(0.9, low=0, high=1)  # SGD-family optimizers (lars, sgd)
-    batch_size: int = bounded(2048, low=1)  # global batch, split over all processes
+    # the global batch (the paper's figure): split over all processes, and each process's share into
+    # micro-batches of `micro_batch` images whose gradients are accumulated into one step; the learning
+    # rate follows the global batch alone (base_lr x batch_size / 256), never the device count
+    batch_size: int = bounded(2048, low=1)
+    micro_batch: int = bounded(0, low=1, allowed=(0,))  # per device; 0 = auto (`dreamteacher plan` says which)
     epochs: int = bounded(200, low=1)
     warmup_epochs: int = bounded(30, low=0)
     max_steps: int = bounded(-1, low=1, allowed=(-1,))  # > 0 caps the run (smoke tests, demos); -1 = off

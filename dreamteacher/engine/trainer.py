@@ -285,31 +285,57 @@ def build_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, global_batch:
 class ResumeMidEpoch(Callback):
     """Lightning restarts an interrupted epoch from its first batch; with an `EpochKeySampler` the
     epoch instead continues after the global batches already trained (a module stepping several
-    optimizers per batch, a GAN, says so in `optimizer_steps_per_iteration`)."""
+    optimizers per batch, a GAN, says so in `optimizer_steps_per_iteration`; with gradient
+    accumulation a step is several loader batches)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, EpochKeySampler):
             return
-        batches = trainer.global_step // getattr(pl_module, "optimizer_steps_per_iteration", 1)
+        steps = trainer.global_step // getattr(pl_module, "optimizer_steps_per_iteration", 1)
+        batches = steps * trainer.accumulate_grad_batches  # loader batches: micro-batches, when accumulating
         trained = batches - trainer.current_epoch * trainer.num_training_batches
         if 0 < trained < trainer.num_training_batches:
             sampler.resume_at = (trainer.current_epoch, trained * loader.batch_size)
 
 
-def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_workers: int,
-                setting: str, seed: int = 0) -> DataLoader:
-    """Per-process loader: the global batch is split evenly over all processes. A `SeededSamples`
-    dataset is sharded here (no sample twice in an epoch); others by Lightning's sampler."""
-    world = trainer.world_size
+def batch_split(global_batch: int, world: int, micro_batch: int, setting: str) -> tuple[int, int]:
+    """(per-device micro-batch, micro-batches accumulated per optimizer step) that make `global_batch`
+    on `world` processes: the global batch is split evenly over the processes, and each process's
+    share into micro-batches of `micro_batch` (0: the whole share at once). One line when they do not
+    divide."""
+    micro_setting = setting.rsplit(".", 1)[0] + ".micro_batch"
+    if micro_batch > global_batch:
+        raise UserError(f"{micro_setting}={micro_batch} is larger than the global batch {setting}={global_batch}")
     if global_batch % world:
         raise UserError(f"{setting}={global_batch} is not divisible by the {world} processes")
     per_process = global_batch // world
+    micro = micro_batch or per_process
+    if per_process % micro:
+        raise UserError(f"{micro_setting}={micro} does not divide the {per_process} images each of the {world} "
+                        f"processes takes of {setting}={global_batch}")
+    return micro, per_process // micro
+
+
+def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_workers: int,
+                setting: str, seed: int = 0, micro_batch: int = 0) -> DataLoader:
+    """Per-process loader: the global batch is split evenly over all processes, and each share into
+    micro-batches of `micro_batch` (0: none) whose gradients are accumulated into one optimizer step
+    (the trainer is told so): the global batch, its samples and the learning rate are the same at any
+    device count and micro-batch. A `SeededSamples` dataset is sharded here (no sample twice in an
+    epoch); others by Lightning's sampler."""
+    world = trainer.world_size
+    micro, accumulate = batch_split(global_batch, world, micro_batch, setting)
+    per_process = micro * accumulate
     if per_process > len(dataset) // world:
         raise UserError(f"{setting}={global_batch} is larger than the {len(dataset)} images; lower it")
+    trainer.accumulate_grad_batches = accumulate
+    progress = next((cb for cb in trainer.callbacks if isinstance(cb, StepProgress)), None)
+    if progress is not None:
+        progress.global_batch = micro * world  # images per loader batch, all processes together
     workers = min(num_workers, os.cpu_count() or 1)
-    options = dict(batch_size=per_process, drop_last=True, num_workers=workers,
+    options = dict(batch_size=micro, drop_last=True, num_workers=workers,
                    pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     if isinstance(dataset, SeededSamples):
         sampler = EpochKeySampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=True, seed=seed,

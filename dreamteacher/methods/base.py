@@ -50,6 +50,24 @@ class PretrainInputs:
         return {name: getattr(self, name) for name in INPUTS}
 
 
+def log_step_losses(module: L.LightningModule, losses: dict[str, torch.Tensor]) -> None:
+    """Logs the loss of each optimizer step's global batch: averaged over processes, and over the
+    micro-batches of the step when gradients are accumulated (logged once, at its last micro-batch)."""
+    trainer = module.trainer
+    accumulate = trainer.accumulate_grad_batches
+    if accumulate > 1:
+        sums = module.__dict__.setdefault("_accumulated_losses", {})
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+        if not trainer.fit_loop.epoch_loop._accumulated_batches_reached():
+            return
+        losses = {name: total / accumulate for name, total in sums.items()}
+        sums.clear()
+    for name, value in losses.items():
+        module.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, sync_dist=True)
+    module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+
 class SeedsOnHost(L.LightningModule):
     """A module whose batches may carry per-sample `noise_seed`s (`data.sampling.SeededSamples`): they
     stay on the host, where `seeded_noise` reads them without a device sync."""
@@ -162,9 +180,7 @@ class PretrainMethod(SeedsOnHost):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(batch)
-        for name, value in losses.items():  # averaged over processes: the loss of the global batch
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, sync_dist=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        log_step_losses(self, losses)
         # the parts ride along (detached) so that a non-finite loss is reported with the terms that were
         return {**{name: value.detach() for name, value in losses.items()}, "loss": losses["loss"]}
 

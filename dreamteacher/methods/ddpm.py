@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from dreamteacher.core.config import Config
 from dreamteacher.data.images import ImageFolder
 from dreamteacher.data.sampling import seeded_noise
-from dreamteacher.methods.base import TeacherTrainer, register_teacher_trainer
+from dreamteacher.methods.base import TeacherTrainer, log_step_losses, register_teacher_trainer
 from dreamteacher.nn.optim import fused_adam
 from dreamteacher.teachers.diffusion import build_unet, default_scheduler
 
@@ -75,8 +75,7 @@ class TeacherTraining(TeacherTrainer):
         alphas = self.noise_scheduler.alphas_cumprod.to(images.device)[t].view(-1, 1, 1, 1)
         noisy = alphas.sqrt() * images + (1 - alphas).sqrt() * noise
         loss = F.mse_loss(self.unet(noisy, t).sample, noise)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        log_step_losses(self, {"loss": loss})
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamteacher.core.config import Config
+from dreamteacher.core.errors import UserError
 from dreamteacher.data.sampling import seeded_noise
 from dreamteacher.methods.base import TeacherTrainer, register_teacher_trainer
 from dreamteacher.nn.optim import fused_adam
@@ -78,6 +79,9 @@ class GanTraining(TeacherTrainer):
     @classmethod
     def check_config(cls, config: Config) -> None:
         level_sizes(config.data.resolution, len(config.gan.channels))  # a clear error before any work
+        if config.teacher_train.micro_batch:
+            raise UserError("teacher_train.micro_batch: the stylegan2 teacher steps its two optimizers by hand and "
+                            "trains each device's whole share of teacher_train.batch_size at once (0)")
 
     @classmethod
     def describe_settings(cls, config: Config) -> str:

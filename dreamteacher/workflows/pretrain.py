@@ -103,7 +103,7 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
                                             reference)]
     trainer = engine.build_trainer(config.trainer, run.path, total, opt.batch_size, progress, callbacks)
     loader = engine.make_loader(dataset, opt.batch_size, trainer, config.data.num_workers, "optim.batch_size",
-                                seed=config.trainer.seed)
+                                seed=config.trainer.seed, micro_batch=opt.micro_batch)
     module = method_cls.build(config, inputs)
     if init_weights is not None:  # the user's weights (ImageNet's, an earlier export) as the starting point
         load_timm_weights(module.backbone_model(), init_weights, str(init))

@@ -67,7 +67,7 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     trainer = engine.build_trainer(teacher_trainer(config), run.path, tt.max_steps * steps_per_iteration,
                                    tt.batch_size, progress, callbacks)
     loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size",
-                                seed=config.trainer.seed)
+                                seed=config.trainer.seed, micro_batch=tt.micro_batch)
     module = trainer_cls(config)
     result = engine.fit(run, trainer, module, loader, ckpt)
     result.steps //= steps_per_iteration
