@@ -22,6 +22,7 @@ from dreamteacher.teachers.base import load_teacher
 from dreamteacher.workflows.evaluate import EvalResult, evaluate
 from dreamteacher.workflows.finetune import FinetuneResult, finetune
 from dreamteacher.workflows.interpreter import InterpreterResult, train_interpreter
+from dreamteacher.workflows.plan import plan
 from dreamteacher.workflows.pretrain import (
     PretrainingJob,
     build_feature_cache,
@@ -32,7 +33,7 @@ from dreamteacher.workflows.pretrain import (
 from dreamteacher.workflows.teacher import sample, train_teacher, untrained_teacher
 
 __all__ = ["EvalResult", "FinetuneResult", "InterpreterResult", "PretrainingJob", "RunResult", "build_feature_cache",
-           "evaluate", "export", "finetune", "info", "load_teacher", "prepare_pretraining", "pretrain", "read_summary",
+           "evaluate", "export", "finetune", "info", "load_teacher", "plan", "prepare_pretraining", "pretrain", "read_summary",
            "sample", "train_interpreter", "train_teacher", "untrained_teacher"]
 
 

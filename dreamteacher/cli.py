@@ -20,6 +20,7 @@ from dreamteacher.export.checkpoints import FORMATS
 from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.nn.segmenters import HEADS
 from dreamteacher.viz.report import write_report
+from dreamteacher.workflows.plan import format_plan
 
 
 def _add_config_args(p: argparse.ArgumentParser, finetune: bool = False, kind: str | None = None) -> None:
@@ -80,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-masks", help="their label maps (--set probe.masks=DIR; with --set probe.num_classes=N)")
     p.add_argument("--probe-split", help="the probe readout's training images (--set probe.split=FILE)")
     _add_config_args(p)
+
+    p = sub.add_parser("plan", help="what a pretraining will cost before it runs: images, steps, FLOPs, memory and "
+                       "time per device (from a few timed real steps here), the feature cache against the free disk")
+    p.add_argument("--data", required=True, help="the images: a folder, a text file of paths, or tar shards "
+                   "('shards/{000000..000099}.tar')")
+    p.add_argument("--method", default="dt-feat", help="the pretraining to plan (`none`: the teacher's training alone)")
+    p.add_argument("--teacher", help="an existing teacher (otherwise training one is planned too)")
+    p.add_argument("--kind", default="ddpm", choices=TEACHER_TRAINERS.names(), help="the teacher to train")
+    p.add_argument("--cache", help="where the feature cache would go (its size is checked against the free disk)")
+    p.add_argument("--out", help="also write the plan as JSON here")
+    p.add_argument("--timed-steps", type=int, default=3, help="timed training steps per stage (after 2 untimed)")
+    p.add_argument("--preset", help=f"named preset, or a preset .yaml file: {', '.join(available_presets())}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, as for train-teacher and pretrain (e.g. --set trainer.devices=4)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("export", help="write the backbone alone, in the key names of a fine-tuning library")
     p.add_argument("run", help="pretrain run folder or its checkpoint")
@@ -171,6 +187,15 @@ def run(args: argparse.Namespace) -> None:
             key = "miou" if probed["first"].get("miou") is not None else "effective_rank"
             print(f"probe {key}: {probed['first'][key]} at the start -> {probed['last'][key]} at epoch "
                   f"{probed['last']['epoch']} (best at epoch {probed['best_epoch']}; {result.run_dir}/logs/probe.jsonl)")
+    elif args.command == "plan":
+        method = None if args.method == "none" else args.method
+        if method is not None and method not in METHODS:
+            raise UserError(f"--method {method}: unknown; choose one of {', '.join(METHODS.names())} or none")
+        result = api.plan(args.data, args.preset, args.overrides, method, args.teacher, args.kind, args.cache,
+                          args.out, args.timed_steps, progress)
+        print(format_plan(result))
+        if args.out:
+            print(f"plan: {args.out}")
     elif args.command == "export":
         print(f"backbone: {api.export(args.run, args.out, args.format)}")
     elif args.command == "finetune":

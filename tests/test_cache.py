@@ -3,6 +3,8 @@ build is never read."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,35 @@ def test_pretrain_distills_with_crop_and_jitter_online_and_cached_and_refuses_th
     with pytest.raises(UserError, match="crop_scale must be"):
         api.pretrain(images, tmp_path / "bad", tiny_teacher_dir, preset=TINY_PRESET, overrides=["lab.crop_scale=[0.5]"],
                      progress=False)
+
+
+SHARE = """
+import sys
+from dreamteacher import api
+api.build_feature_cache(sys.argv[1], sys.argv[2], sys.argv[3], preset=sys.argv[4], progress=False)
+"""
+
+
+def test_processes_started_together_each_build_their_share_of_the_cache(tmp_path, tiny_teacher_dir):
+    """Under torchrun (or SLURM) every process encodes a contiguous share of the images into the same
+    arrays; the first puts the cache in place once all shares are written."""
+    import subprocess
+    import sys
+
+    images = write_images(tmp_path / "images", count=8)
+    cache = tmp_path / "cache"
+    procs = []
+    for rank in (1, 0):  # the second process first: it waits for the first to lay the arrays out
+        env = {**os.environ, "TORCHELASTIC_RUN_ID": "test-job", "RANK": str(rank), "WORLD_SIZE": "2",
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", SHARE, str(images), str(cache), str(tiny_teacher_dir),
+                                       str(TINY_PRESET)], env=env, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["built_by"] == 2 and meta["key"]["num_images"] == 8
+    assert not list(cache.glob("share-*")) and not (cache / "layout.json").exists()
+    for spec in meta["features"]:
+        block = np.load(cache / f"block{spec['block']}.npy")
+        assert block.shape[:2] == (8, meta["key"]["encodings"])
+        assert np.isfinite(block).all() and (np.abs(block).reshape(8, -1).max(axis=1) > 0).all()  # every row written

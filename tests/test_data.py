@@ -31,19 +31,22 @@ def test_modes_are_converted_to_rgb(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("empty.png", b"", "empty .zero-byte. image file: .*empty.png"),
-    ("notes.txt", b"hello", "not an image file .*notes.txt"),
-    ("broken.png", b"\x89PNG not really", "unreadable image file: .*broken.png"),
+    ("empty.png", b"", r"empty image file \(zero bytes\): .*empty.png"),
+    ("broken.png", b"\x89PNG not really", r"unreadable image \(UnidentifiedImageError\): .*broken.png"),
 ])
-def test_bad_files_are_named(tmp_path, name, content, message):
+def test_bad_labeled_images_are_named(tmp_path, name, content, message):
+    """Labeled image folders stay strict (every labeled image counts); files that are not images are
+    skipped there too."""
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "notes.txt").write_bytes(b"hello")
+    assert list_images(tmp_path) == [tmp_path / "ok.png"]
     (tmp_path / name).write_bytes(content)
     with pytest.raises(UserError, match=message):
         list_images(tmp_path)
 
 
 def test_empty_and_missing_folders(tmp_path):
-    with pytest.raises(UserError, match="no images found"):
+    with pytest.raises(UserError, match="no readable image in"):
         list_images(tmp_path)
     with pytest.raises(UserError, match="image folder not found"):
         list_images(tmp_path / "missing")

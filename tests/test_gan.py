@@ -95,7 +95,7 @@ def test_train_stylegan2_then_distill_its_synthesized_dataset(tmp_path):
     folder = teacher.files["teacher"]
     assert (folder / "generator.safetensors").is_file() and (folder / "stylegan2.json").is_file()
     student = pretrain(images, tmp_path / "student", teacher=tmp_path / "gan",
-                       preset=TINY_PRESET, overrides=GAN + ["encode.blocks=[0,1,2]"], progress=False)
+                       preset=TINY_PRESET, overrides=["encode.blocks=[0,1,2]"], progress=False)
     assert student.final_loss is not None and (tmp_path / "student" / "backbone.safetensors").is_file()
     # viz: the GAN's own renders (no --data), every synthesis level; with the student, its levels
     from dreamteacher.viz.report import write_report
@@ -108,8 +108,8 @@ def test_train_stylegan2_then_distill_its_synthesized_dataset(tmp_path):
                         num_images=2)
     assert "Student after distillation" in page.read_text()
     with pytest.raises(UserError, match="level 4 is out of range for this GAN teacher"):
-        pretrain(images, tmp_path / "bad", teacher=folder, preset=TINY_PRESET, overrides=GAN + ["encode.blocks=[0,4]"],
+        pretrain(images, tmp_path / "bad", teacher=folder, preset=TINY_PRESET, overrides=["encode.blocks=[0,4]"],
                  progress=False)
     with pytest.raises(UserError, match="is a GAN: its dataset is synthesized online"):
         pretrain(images, tmp_path / "cached", teacher=folder, cache=tmp_path / "cache",
-                 preset=TINY_PRESET, overrides=GAN + ["encode.blocks=[0,1,2]"], progress=False)
+                 preset=TINY_PRESET, overrides=["encode.blocks=[0,1,2]"], progress=False)

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from conftest import REPO
-from dreamteacher.bench.headline import HEADLINE_BEGIN, HEADLINE_END, headline
+from dreamteacher.bench.headline import BLOCK, HEADLINE_BEGIN, HEADLINE_END, headline
 from dreamteacher.cli import main
 
 README = REPO / "README.md"
@@ -35,10 +35,14 @@ def test_the_quick_start_commands_run(tmp_path: Path, capsys):
     assert "method: dt-feat" in capsys.readouterr().out
 
 
-def test_the_results_table_is_generated_from_the_committed_results():
+def test_the_results_tables_are_generated_from_the_committed_results():
     text = README.read_text()
-    results = REPO / "benchmarks" / "results" / "camvid-cpu" / "results.json"
-    begin = HEADLINE_BEGIN.format(results.relative_to(REPO))
-    shown = text[text.index(begin) + len(begin):text.index(HEADLINE_END)].strip()
-    assert shown == headline(json.loads(results.read_text())).strip(), \
-        "README's table is stale: run `python -m dreamteacher.bench.headline`"
+    blocks = BLOCK.findall(text)
+    assert "benchmarks/results/camvid-cpu/results.json" in blocks
+    assert "benchmarks/results/idd-lite-cpu/results.json" in blocks
+    for name in blocks:
+        begin = HEADLINE_BEGIN.format(name)
+        start = text.index(begin) + len(begin)
+        shown = text[start:text.index(HEADLINE_END, start)].strip()
+        assert shown == headline(json.loads((REPO / name).read_text())).strip(), \
+            f"README's table of {name} is stale: run `python -m dreamteacher.bench.headline`"

@@ -84,7 +84,7 @@ def test_the_feature_cache_notices_an_image_replaced_by_one_of_the_same_name_and
 def _numeric_fields(config_cls) -> list[tuple[str, str, object, dict]]:
     """(section, field, type, range metadata) of every numeric setting of a config class."""
     fields = []
-    for section, section_cls in config_cls.section_types().items():
+    for section, section_cls in config_cls().section_types().items():
         hints = typing.get_type_hints(section_cls)
         for f in dataclasses.fields(section_cls):
             hint = hints[f.name]

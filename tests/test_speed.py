@@ -36,7 +36,7 @@ def test_trainers_keep_freed_host_memory_unless_turned_off(tmp_path, monkeypatch
         assert engine.reuse_host_memory()  # mallopt accepted both settings
     calls = []
     monkeypatch.setattr(engine, "reuse_host_memory", lambda: calls.append(1) or True)
-    engine.build_trainer(TrainerConfig(accelerator="cpu", devices=1), tmp_path / "on", 1, 2, progress=False)
-    engine.build_trainer(TrainerConfig(accelerator="cpu", devices=1, reuse_host_memory=False), tmp_path / "off", 1, 2,
+    engine.build_trainer(TrainerConfig(accelerator="cpu", devices=1, reuse_host_memory=True), tmp_path / "on", 1, 2,
                          progress=False)
+    engine.build_trainer(TrainerConfig(accelerator="cpu", devices=1), tmp_path / "off", 1, 2, progress=False)  # the default
     assert calls == [1]

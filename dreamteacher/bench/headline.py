@@ -1,22 +1,24 @@
-"""The README's results table: a short table of a committed results.json, kept in the README between
-markers and regenerated with `python -m dreamteacher.bench.headline [README] [RESULTS]`."""
+"""The README's results tables: short tables of committed results.json files, kept in the README
+between markers (one block per results file) and regenerated with
+`python -m dreamteacher.bench.headline [README]`."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from dreamteacher.bench.report import FRACTION_LABEL, FRACTION_ORDER, _minutes, _row_keys, eval_set_names, summarize
 from dreamteacher.core.runs import write_text_atomic
 
-
 HEADLINE_BEGIN, HEADLINE_END = "<!-- headline: generated from {} by `python -m dreamteacher.bench.headline` -->", \
     "<!-- /headline -->"
+BLOCK = re.compile(r"<!-- headline: generated from (\S+) by `python -m dreamteacher.bench.headline` -->")
 
 
-def headline(results: dict, fractions: tuple[str, ...] = ("1-30", "1-8")) -> str:
-    """The short table of a results.json for a README: each row's mean mIoU at the first label
-    fractions on every evaluation set, with its pretraining wall-clock."""
+def headline(results: dict, fractions: tuple[str, ...] = FRACTION_ORDER) -> str:
+    """The short table of a results.json for a README: each row's mean mIoU at every label fraction
+    on every evaluation set, with its pretraining wall-clock."""
     rows = results["rows"]
     names = eval_set_names(results, rows)
     shown = [f for f in FRACTION_ORDER if f in fractions and any(r["fraction"] == f for r in rows)]
@@ -35,20 +37,23 @@ def headline(results: dict, fractions: tuple[str, ...] = ("1-30", "1-8")) -> str
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, results_file: Path) -> bool:
-    """Rewrites the headline block of `readme` from `results_file`; True when it changed."""
-    begin = HEADLINE_BEGIN.format(results_file)
+def update_readme(readme: Path, root: Path | None = None) -> bool:
+    """Rewrites every headline block of `readme` from the results file its marker names (relative to
+    `root`, the repository: by default the README's folder); True when anything changed."""
+    root = root or readme.parent
     text = readme.read_text()
-    start, end = text.index(begin) + len(begin), text.index(HEADLINE_END)
-    new = text[:start] + "\n" + headline(json.loads(results_file.read_text())) + text[end:]
+    new = text
+    for match in reversed(list(BLOCK.finditer(text))):
+        start, end = match.end(), new.index(HEADLINE_END, match.end())
+        table = headline(json.loads((root / match.group(1)).read_text()))
+        new = new[:start] + "\n" + table + new[end:]
     if new != text:
         write_text_atomic(readme, new)
     return new != text
 
 
-if __name__ == "__main__":  # python -m dreamteacher.bench.headline [README] [RESULTS]
+if __name__ == "__main__":  # python -m dreamteacher.bench.headline [README]
     import sys
 
     readme_path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    results_path = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/camvid-cpu/results.json")
-    print(f"{readme_path}: {'updated' if update_readme(readme_path, results_path) else 'unchanged'}")
+    print(f"{readme_path}: {'updated' if update_readme(readme_path) else 'unchanged'}")

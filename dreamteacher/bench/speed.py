@@ -19,11 +19,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from dreamteacher.core.config import build_config
+from dreamteacher.core.config import as_dict, build_config, only_sections
 from dreamteacher.core.errors import UserError
 from dreamteacher.core.hardware import cpu_info, resolve_precision
 from dreamteacher.core.runs import write_text_atomic
 from dreamteacher.data.sampling import seeded_noise
+from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.workflows.pretrain import prepare_pretraining
 from dreamteacher.workflows.teacher import untrained_teacher
 
@@ -188,13 +189,15 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
         else:
             data_desc = str(data)
         if teacher is None:  # timing does not depend on the weights
-            teacher = untrained_teacher(work / "teacher", preset, overrides)
+            ddpm = TEACHER_TRAINERS.get("ddpm")
+            teacher = untrained_teacher(work / "teacher", preset, only_sections(as_dict(overrides), ddpm.config_sections()))
             teacher_desc = f"untrained {preset or 'default'} U-Net"
         else:
             teacher_desc = str(teacher)
 
         def job(name: str, cache_dir: Path | None = None):
-            prepared = prepare_pretraining(data, work / name, teacher, preset=preset, overrides=overrides,
+            student = only_sections(as_dict(overrides), METHODS.get("dt-feat").config_sections())
+            prepared = prepare_pretraining(data, work / name, teacher, preset=preset, overrides=student,
                                                progress=progress, cache=cache_dir, callbacks=[EpochTimer()])
             if prepared.steps_per_epoch != steps:
                 raise UserError(f"bench-speed: {data} gives {prepared.steps_per_epoch} steps per epoch at batch "
@@ -214,7 +217,8 @@ def bench_speed(preset: str = "cpu-small", overrides: list[str] | None = None, d
         cpu_name = f"cpu ({cpu_info()['model']}, {torch.get_num_threads()} threads)"
         results = {
             "device": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name,
-            "torch": torch.__version__, "preset": preset, "teacher": teacher_desc, "data": data_desc,
+            "torch": torch.__version__, "preset": str(preset) if preset else None, "teacher": teacher_desc,
+            "data": data_desc,
             "student": config.student.backbone, "resolution": config.data.resolution, "batch_size": batch,
             "encode": {"t": config.encode.t, "blocks": config.encode.blocks, "mode": config.encode.mode},
             "trainer": {"precision": resolve_precision(config.trainer.precision, config.trainer.accelerator)[0], "channels_last": config.trainer.channels_last,

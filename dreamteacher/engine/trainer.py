@@ -344,6 +344,19 @@ def make_loader(dataset: Dataset, global_batch: int, trainer: L.Trainer, num_wor
     return DataLoader(dataset, shuffle=True, **options)
 
 
+def start_line(what: str, dataset: Dataset, steps: int, global_batch: int, trainer: L.Trainer,
+               loader: DataLoader) -> str:
+    """The one line a training run says when it starts: its images, steps, epochs, batch split and
+    precision (`dreamteacher plan` says the cost before any of it runs)."""
+    images = getattr(dataset, "dataset", dataset)
+    listing = getattr(images, "listing", None) or getattr(getattr(images, "images", None), "listing", None)
+    skipped = f" ({len(listing.skipped)} skipped)" if listing is not None and listing.skipped else ""
+    epochs = steps * global_batch / max(1, len(dataset))
+    return (f"plan: {what}: {len(dataset):,} images{skipped}; {steps:,} steps ({epochs:.1f} epochs) of global batch "
+            f"{global_batch} = {loader.batch_size} per device x {trainer.accumulate_grad_batches} accumulated x "
+            f"{trainer.world_size} devices; {trainer.precision}")
+
+
 def seed_everything(seed: int) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
 
@@ -360,6 +373,17 @@ class RunResult:
     files: dict[str, Path] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
     precision: str = ""  # what it trained in (`auto` resolved)
+    peak_memory_gib: float | None = None  # this process: CUDA's peak allocation, or the peak resident memory
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The peak memory of training on `device`: CUDA's peak allocation, or on the CPU the process's peak
+    resident memory (an upper bound: everything the process held)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # noqa: PLC0415 - POSIX only
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: DataLoader,
@@ -386,4 +410,5 @@ def fit(run: RunFolder, trainer: L.Trainer, module: L.LightningModule, loader: D
     final_loss = float(loss) if loss is not None else (run.summary() or {}).get("final_loss")
     progress = step_progress(trainer)
     return RunResult(run.path, run.checkpoint, trainer.global_step, progress.seconds, final_loss,
-                     resumed_at=list(progress.resumed_at), precision=str(trainer.precision))
+                     resumed_at=list(progress.resumed_at), precision=str(trainer.precision),
+                     peak_memory_gib=round(peak_memory_gib(module.device), 2))

@@ -68,6 +68,11 @@ def log_step_losses(module: L.LightningModule, losses: dict[str, torch.Tensor]) 
     module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
 
+def length(config: Config) -> str:
+    """How long a pretraining runs, in words: its epochs, or its steps when `optim.max_steps` caps it."""
+    return f"{config.optim.max_steps} steps" if config.optim.max_steps > 0 else f"{config.optim.epochs} epochs"
+
+
 class SeedsOnHost(L.LightningModule):
     """A module whose batches may carry per-sample `noise_seed`s (`data.sampling.SeededSamples`): they
     stay on the host, where `seeded_noise` reads them without a device sync."""
@@ -152,7 +157,7 @@ class PretrainMethod(SeedsOnHost):
     @classmethod
     def describe_settings(cls, config: Config) -> str:
         """Its settings in words, for benchmark tables (e.g. 'denoises at sigma 0.8 for 300 epochs')."""
-        return f"{config.optim.epochs} epochs, {config.optim.name} base lr {config.optim.base_lr:g}"
+        return f"{length(config)}, {config.optim.name} base lr {config.optim.base_lr:g}"
 
     def backbone_model(self) -> nn.Module:
         """The timm model it pretrains (what `export` writes, under timm's own keys)."""
@@ -258,7 +263,8 @@ class TeacherTrainer(SeedsOnHost):
         """Its training in words, for benchmark tables."""
         tt = config.teacher_train
         crop = f" on {tt.crop[0]}x{tt.crop[1]} crops" if tt.crop else ""
-        return f"{cls.kind}, {tt.max_steps} steps{crop}, batch {tt.batch_size}"
+        steps = f"{tt.max_steps} steps" if tt.max_steps else "steps sized to the data"
+        return f"{cls.kind}, {steps}{crop}, batch {tt.batch_size}"
 
     def save_teacher(self, folder: Path) -> None:
         """The trained teacher, in the layout its teacher kind loads."""

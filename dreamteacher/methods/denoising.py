@@ -23,7 +23,7 @@ from dreamteacher.core.errors import UserError
 from dreamteacher.data.images import ImageFolder
 from dreamteacher.data.sampling import seeded_noise
 from dreamteacher.losses import corrupt, denoising_loss
-from dreamteacher.methods.base import PretrainInputs, PretrainMethod, register_method
+from dreamteacher.methods.base import PretrainInputs, PretrainMethod, length, register_method
 from dreamteacher.nn.segmenters import Segmenter
 from dreamteacher.nn.weights import read_backbone_export
 
@@ -99,7 +99,7 @@ class DenoisingPretraining(PretrainMethod):
         crop = f" of {d.crop[0]}x{d.crop[1]} crops" if d.crop else ""
         noise = f"sigma ~ U({d.sigma_range[0]:g}, {d.sigma_range[1]:g})" if d.sigma_range else \
             f"sigma {cls.fixed_sigma(config):g}"
-        return f"the U-Net ({d.unet_width} wide) denoises at {noise} for {config.optim.epochs} epochs{crop}"
+        return f"the U-Net ({d.unet_width} wide) denoises at {noise} for {length(config)}{crop}"
 
     @classmethod
     def decoder_export(cls, state_dict: dict[str, torch.Tensor], hparams: dict) -> tuple[dict, dict] | None:

@@ -20,7 +20,7 @@ from dreamteacher.data.augment import DistillationViews
 from dreamteacher.data.features import FeatureSpec
 from dreamteacher.data.images import SynthesizedSeeds
 from dreamteacher.losses import attention_transfer_loss, whitened_mse_loss
-from dreamteacher.methods.base import PretrainInputs, PretrainMethod, register_method
+from dreamteacher.methods.base import PretrainInputs, PretrainMethod, length, register_method
 from dreamteacher.nn.backbone import Backbone
 from dreamteacher.nn.regressor import FeatureRegressor
 from dreamteacher.teachers.diffusion import DiffusionTeacher
@@ -161,7 +161,7 @@ class DTFeat(PretrainMethod):
             aug.append(f"crops of {lab.crop_scale[0]:g}-{lab.crop_scale[1]:g} of the area")
         if lab.color_jitter > 0:
             aug.append(f"color jitter {lab.color_jitter:g} on the student's image")
-        return (f"{config.optim.epochs} epochs, t={config.encode.t}, blocks {config.encode.blocks}, loss "
+        return (f"{length(config)}, t={config.encode.t}, blocks {config.encode.blocks}, loss "
                 + " + ".join(terms) + (f", {' and '.join(aug)}" if aug else ""))
 
     def __init__(self, config: Config, feature_specs: list[FeatureSpec], teacher: DiffusionTeacher | None = None,

@@ -20,7 +20,7 @@ from dreamteacher.core.errors import UserError
 from dreamteacher.data.images import ImageFolder
 from dreamteacher.data.views import TwoViews
 from dreamteacher.losses import moco_infonce
-from dreamteacher.methods.base import PretrainInputs, PretrainMethod, register_method
+from dreamteacher.methods.base import PretrainInputs, PretrainMethod, length, register_method
 from dreamteacher.nn.backbone import Backbone
 from dreamteacher.teachers.moco import MOCO_FILE, mlp, save_moco_v3
 
@@ -68,7 +68,7 @@ class ContrastiveMethod(PretrainMethod):
     @classmethod
     def describe_settings(cls, config: Config) -> str:
         o = config.optim
-        return (f"{o.epochs} epochs, {o.name} base lr {o.base_lr:g} (x batch {o.batch_size} / 256), "
+        return (f"{length(config)}, {o.name} base lr {o.base_lr:g} (x batch {o.batch_size} / 256), "
                 f"wd {o.weight_decay:g}")
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from dreamteacher.core.config import Config, Section, bounded, register_section
 from dreamteacher.core.errors import UserError
-from dreamteacher.methods.base import PretrainInputs, PretrainMethod, register_method
+from dreamteacher.methods.base import PretrainInputs, PretrainMethod, length, register_method
 from dreamteacher.nn.backbone import Backbone
 
 
@@ -198,7 +198,7 @@ class SparK(PretrainMethod):
     def describe_settings(cls, config: Config) -> str:
         s, o = config.spark, config.optim
         return (f"mask ratio {s.mask_ratio:g} of {cls.patch}x{cls.patch} patches, decoder {s.decoder_width} wide, "
-                f"{o.epochs} epochs, {o.name} base lr {o.base_lr:g}")
+                f"{length(config)}, {o.name} base lr {o.base_lr:g}")
 
     def backbone_model(self) -> nn.Module:
         return self.encoder.backbone.features.model

@@ -86,7 +86,8 @@ class GanTraining(TeacherTrainer):
     @classmethod
     def describe_settings(cls, config: Config) -> str:
         tt, g = config.teacher_train, config.gan
-        return f"StyleGAN2 with levels {g.channels} wide, {tt.max_steps} iterations at batch {tt.batch_size}"
+        iterations = f"{tt.max_steps} iterations" if tt.max_steps else "iterations sized to the data"
+        return f"StyleGAN2 with levels {g.channels} wide, {iterations} at batch {tt.batch_size}"
 
     def __init__(self, config: Config):
         super().__init__()

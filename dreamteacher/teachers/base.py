@@ -14,7 +14,9 @@ kinds it tried.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,8 +37,10 @@ class TeacherTrainConfig(Section):
     lr: float = bounded(1e-4, low=0, low_open=True)
     weight_decay: float = bounded(0.0, low=0)
     warmup_steps: int = bounded(500, low=0)
-    max_steps: int = bounded(500_000, low=1)
-    ema_decay: float = bounded(0.9999, low=0, high=1)
+    # 0: sized to the data (`teacher_size`: 300 passes over the images, at least 2,000 steps); or steps
+    max_steps: int = bounded(0, low=1, allowed=(0,))
+    # -1: sized to the run (an EMA horizon of 2% of its steps, 100 to 10,000 steps); or a decay in [0, 1]
+    ema_decay: float = bounded(-1.0, low=0, high=1, allowed=(-1.0,))
     grad_clip: float = bounded(1.0, low=0, low_open=True)
     # [height, width] random crop of each image (at data.resolution) per step; [] trains on whole
     # images. Crops keep the object scale the teacher will encode at, for a fraction of the cost.
@@ -53,6 +57,40 @@ class TeacherTrainConfig(Section):
 
 
 register_section("teacher_train", TeacherTrainConfig)
+
+# The rule that sizes a teacher to its data, anchored on the paper's teachers: BDD100K's ADM trained
+# 300 epochs on 70k images at 128x256 (batch 256: 82k steps), ImageNet's 400 epochs at 256x256. Both
+# resolutions took about as many passes, so the resolution changes the cost of a step (`dreamteacher
+# plan` measures it), not the number of steps. The EMA averages over 2% of the run: ADM's 0.9999 (a
+# horizon of 10,000 steps) at ImageNet's scale, less on small data.
+TEACHER_EPOCHS = 300
+MIN_TEACHER_STEPS = 2000
+EMA_HORIZON = (1 / 50, 100, 10_000)  # fraction of the steps, fewest and most steps
+
+
+def teacher_size(num_images: int, batch_size: int) -> tuple[int, float]:
+    """(steps, EMA decay) of a teacher sized to `num_images` at global batch `batch_size`."""
+    steps = max(MIN_TEACHER_STEPS, math.ceil(TEACHER_EPOCHS * num_images / batch_size))
+    fraction, low, high = EMA_HORIZON
+    horizon = min(high, max(low, round(steps * fraction)))
+    return steps, round(1 - 1 / horizon, 6)
+
+
+def sized_to_data(config: Any, num_images: int) -> tuple[Any, str | None]:
+    """`config` with an auto teacher_train.max_steps / ema_decay made concrete for `num_images`, and the
+    line that says so (None when both were set)."""
+    tt = config.teacher_train
+    if tt.max_steps > 0 and tt.ema_decay >= 0:
+        return config, None
+    steps, decay = teacher_size(num_images, tt.batch_size)
+    sized = dataclasses.replace(tt, max_steps=tt.max_steps if tt.max_steps > 0 else steps,
+                                ema_decay=tt.ema_decay if tt.ema_decay >= 0 else decay)
+    config = copy.copy(config)
+    config.teacher_train = sized
+    line = (f"teacher: {sized.max_steps:,} steps at batch {tt.batch_size}, EMA decay {sized.ema_decay:g}, sized to "
+            f"{num_images:,} images ({TEACHER_EPOCHS} passes, at least {MIN_TEACHER_STEPS:,} steps; "
+            "teacher_train.max_steps / ema_decay set them)")
+    return config, line
 
 
 def teacher_trainer(config: Any) -> TrainerConfig:

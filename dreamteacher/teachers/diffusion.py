@@ -135,6 +135,19 @@ def decoder_blocks(unet: nn.Module) -> list[tuple[nn.Module, FeatureSpec]]:
     return blocks
 
 
+def default_blocks(unet: nn.Module, strides: tuple[int, ...] = (16, 8, 4, 2)) -> list[int]:
+    """The first block of each decoder level at `strides`: the paper's blocks 3, 6, 9, 12 for ADM-256,
+    [0, 2, 4, 6] for the cpu-small U-Net. What a teacher is shown at when nothing names its blocks."""
+    first: dict[int, int] = {}
+    index = 0
+    up_blocks = list(unet.up_blocks)
+    upsampling = [bool(getattr(up, "upsamplers", None)) for up in up_blocks]
+    for i, up in enumerate(up_blocks):
+        first.setdefault(2 ** sum(upsampling[i:]), index)
+        index += len(up.resnets)
+    return [first[s] for s in strides if s in first] or [0]
+
+
 class DiffusionTeacher(nn.Module):
     """Frozen diffusion U-Net + its noise schedule; encodes images into decoder features.
 

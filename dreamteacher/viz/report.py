@@ -32,6 +32,7 @@ from dreamteacher.export.checkpoints import read_checkpoint
 from dreamteacher.losses import whiten
 from dreamteacher.methods.dt_feat import DTFeat, resize_to
 from dreamteacher.teachers.base import load_teacher
+from dreamteacher.teachers.diffusion import default_blocks
 from dreamteacher.teachers.stylegan2 import GanTeacher, gan_folder, load_generator
 
 REPORT_TIMESTEPS = (25, 50, 150, 400)
@@ -83,13 +84,18 @@ def write_report(teacher_path: str | Path, data: str | Path | None, out: str | P
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = Figures(out.parent if png_folder else None)
-    config = (build_config(None, None, base=load_config_file(Path(student_run) / CONFIG))
-              if student_run else build_config(None, None, base=_teacher_run_config(teacher_path)))
+    saved = load_config_file(Path(student_run) / CONFIG) if student_run else _teacher_run_config(teacher_path)
+    config = build_config(None, None, base=saved, sections=DTFeat.config_sections())
     gan = gan_folder(teacher_path) if Path(teacher_path).is_dir() else None
     if gan is not None and not student_run:
         generator = load_generator(gan)
         teacher = GanTeacher(generator, list(range(len(generator.feature_specs))))
     else:
+        if "encode" not in (saved or {}):  # a teacher's own run names no blocks: its levels at strides 16..2
+            probe = load_teacher(teacher_path, build_config(None, {"encode": {"blocks": [0], "t": 0}}, sections=("encode",)))
+            if hasattr(probe, "unet"):
+                config = build_config(None, {"encode": {"blocks": default_blocks(probe.unet)}}, base=saved,
+                                      sections=DTFeat.config_sections())
         teacher = load_teacher(teacher_path, config)
 
     if isinstance(teacher, GanTeacher):

@@ -6,6 +6,7 @@ Nothing here knows a method by name: a method declares its inputs, views, teache
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,8 @@ def prepare_pretraining(data: str | Path, out: str | Path, teacher: str | Path |
         load_timm_weights(module.backbone_model(), init_weights, str(init))
     module.total_steps = total
     module.warmup_steps = round(total * opt.warmup_epochs / opt.epochs)
+    if trainer.is_global_zero:
+        print(engine.start_line(method_cls.owner(), dataset, total, opt.batch_size, trainer, loader), flush=True)
     return PretrainingJob(run.path, config, module, loader, trainer, ckpt, per_epoch, inputs.teacher_model)
 
 
@@ -191,6 +194,20 @@ def encoding_device(config: Config) -> torch.device:
     return torch.device("cuda" if config.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def launched_together() -> tuple[int, int, str]:
+    """(rank, world size, the job's run id) when every process of the job was started at once by
+    torchrun or SLURM, so that all can build the feature cache together; (0, 1, "") otherwise (one
+    process, or Lightning's own launcher, which starts the others after the first has prepared)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", 1)) > 1:
+        return (int(env["RANK"]), int(env["WORLD_SIZE"]),
+                f"torchrun:{env['TORCHELASTIC_RUN_ID']}:{env.get('TORCHELASTIC_RESTART_COUNT', 0)}")
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                f"slurm:{env['SLURM_JOB_ID']}:{env.get('SLURM_STEP_ID', '')}:{env.get('SLURM_RESTART_COUNT', 0)}")
+    return 0, 1, ""
+
+
 def cached_dataset(inputs: PretrainInputs, images: ImageFolder, config: Config, rebuild: bool,
                    progress: bool) -> CachedFeatures:
     """The images paired with their cached teacher features; rank 0 builds a missing cache while the
@@ -199,10 +216,13 @@ def cached_dataset(inputs: PretrainInputs, images: ImageFolder, config: Config, 
         raise UserError(f"--teacher {inputs.teacher} is a GAN: its dataset is synthesized online and has no "
                         "feature cache (no --cache)")
     encodings = config.encode.cache_encodings
-    if rank_zero_only.rank == 0:
+    rank, world, launch = launched_together()
+    meta = None
+    if rank_zero_only.rank == 0 or world > 1:  # started together: every process encodes its share
         meta = open_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, encodings,
-                          encoding_device(config), rebuild=rebuild, progress=progress)
-    else:
+                          encoding_device(config), rebuild=rebuild, progress=progress, rank=rank, world=world,
+                          launch=launch)
+    if meta is None:
         meta = wait_for_cache(inputs.cache, inputs.teacher, inputs.teacher_model, images, encodings)
     return CachedFeatures(images, inputs.cache, meta)
 

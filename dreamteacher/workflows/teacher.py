@@ -18,7 +18,7 @@ from dreamteacher.data.sampling import SeededSamples
 from dreamteacher.engine import trainer as engine
 from dreamteacher.engine.trainer import RunResult
 from dreamteacher.methods.base import TEACHER_TRAINERS
-from dreamteacher.teachers.base import load_teacher, teacher_trainer
+from dreamteacher.teachers.base import load_teacher, sized_to_data, teacher_trainer
 
 
 def resolve_config(run: RunFolder, preset: str | None, overrides: list[str] | dict | None, resume: bool,
@@ -55,10 +55,13 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     config = resolve_config(run, preset, merge_overrides(overrides, sections), resume, trainer_cls.config_sections(),
                             trainer_cls.owner())
     images = trainer_cls.image_folder(data, config)
+    config, sized = sized_to_data(config, len(images))  # saved concrete: a resume keeps the same schedule
     trainer_cls.check_config(config)
     ckpt = run.start(resume)
     run.save_config(config)
     report_data(images, run)
+    if sized and rank_zero_only.rank == 0:
+        say(sized)
     engine.seed_everything(config.trainer.seed)
     tt = config.teacher_train
     steps_per_iteration = trainer_cls.optimizer_steps_per_iteration
@@ -69,6 +72,8 @@ def train_teacher(data: str | Path, out: str | Path, preset: str | None = None,
     loader = engine.make_loader(dataset, tt.batch_size, trainer, config.data.num_workers, "teacher_train.batch_size",
                                 seed=config.trainer.seed, micro_batch=tt.micro_batch)
     module = trainer_cls(config)
+    if trainer.is_global_zero:
+        print(engine.start_line(trainer_cls.owner(), dataset, tt.max_steps, tt.batch_size, trainer, loader), flush=True)
     result = engine.fit(run, trainer, module, loader, ckpt)
     result.steps //= steps_per_iteration
     result.resumed_at = [step // steps_per_iteration for step in result.resumed_at]
@@ -93,6 +98,7 @@ def summary(result: RunResult, method: str, epochs: float, **extra) -> dict:
     resumed = {"resumed_at": result.resumed_at} if result.resumed_at else {}
     return {"method": method, "status": "finished", "steps": result.steps, "epochs": round(epochs, 2),
             "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "precision": result.precision,
+            "peak_memory_gib": result.peak_memory_gib,
             "files": {k: str(v) for k, v in result.files.items()}, **resumed, **extra}
 
 
@@ -103,6 +109,7 @@ def untrained_teacher(out: str | Path, preset: str | None = None,
     trainer_cls = TEACHER_TRAINERS.get(kind)
     run = RunFolder(out)
     config = build_config(preset, overrides, sections=trainer_cls.config_sections(), owner=trainer_cls.owner())
+    config = sized_to_data(config, 0)[0]  # an untrained teacher's schedule is never run
     run.path.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
     engine.seed_everything(seed)
