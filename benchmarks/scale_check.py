@@ -205,6 +205,8 @@ if __name__ == "__main__":
         result = listing(args.work, args.count or 100_000)
     else:
         result = ddp(args.work, args.count or 2000, args.epochs)
+    from dreamteacher.core.hardware import machine_summary
+
     out = args.work / f"scale-check-{args.what}.json"
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps({"machine": machine_summary(), **result}, indent=2))
     print(f"figures: {out}")
