@@ -4,15 +4,16 @@
 # data from a folder (with a stray file in it), from a text file of paths and from tar shards, the
 # feature cache, export, fine-tuning, the interpreter, dt-mix, DeP/DDeP and a resume. Small teacher
 # and student on synthetic scenes. Exits non-zero at the first command that fails.
-#   bash benchmarks/gpu-check.sh [WORK_DIR]
+#   bash benchmarks/gpu-check.sh [WORK_DIR]        (ACCEL=cpu runs the same commands on the CPU: a dry run)
 set -euo pipefail
 work=${1:-$(mktemp -d)}
+accel=${ACCEL:-gpu}
 dt=(python3 -m dreamteacher.cli)
 seg=(--num-classes 3 --ignore-index 255 --set data.resolution=[96,128] --set data.num_workers=2
-     --set trainer.accelerator=gpu --set trainer.devices=1 --set trainer.precision=auto --no-progress)
+     --set trainer.accelerator=$accel --set trainer.devices=1 --set trainer.precision=auto --no-progress)
 
-python3 - "$work" <<'PY'
-import io, sys, tarfile
+ACCEL=$accel python3 - "$work" <<'PY'
+import io, os, sys, tarfile
 from pathlib import Path
 sys.path.insert(0, "tests")
 from conftest import write_images, write_scenes
@@ -35,7 +36,7 @@ for s in range(4):  # the same images as 4 webdataset-style shards, in the same 
     "teacher_train: {max_steps: 40, micro_batch: 8, precision: auto}\n"
     "optim: {epochs: 2, warmup_epochs: 1, micro_batch: 8}\n"
     "data: {num_workers: 2}\n"
-    "trainer: {accelerator: gpu, devices: 1, precision: auto, channels_last: false}\n")
+    f"trainer: {{accelerator: {os.environ['ACCEL']}, devices: 1, precision: auto, channels_last: false}}\n")
 PY
 small=(--preset "$work/small.yaml" --no-progress)
 step() { echo "== $*"; }
@@ -70,4 +71,4 @@ for run in ("teacher", "dt-feat", "dt-feat-cached", "dt-feat-shards"):
     r = json.loads((root / run / "run.json").read_text())
     print(f"gpu-check: {run}: {r['steps']} steps, {r['seconds']} s, {r['precision']}, peak {r['peak_memory_gib']} GiB")
 PY
-echo "gpu-check: every command ran on $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')"
+echo "gpu-check: every command ran on $(python3 -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "the CPU")')"

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Does `dreamteacher plan` say what a run costs? The ResNet-50 + ADM-256 preset at 256 px on this GPU:
 # plan's time per step and peak memory against those of real runs of the same settings (a teacher of
-# 30 steps, global batch 256 = 32 per device x 8 accumulated; a student of 20 steps, global batch 256 =
-# 64 x 4, online encoding). Target: within 25%. Prints both and writes plan-check.json.
+# 30 steps, global batch 64 = 32 per device x 2 accumulated; a student of 20 steps, global batch 256 =
+# 64 x 4, from the feature cache). Target: within 25%. Prints both and writes plan-check.json.
 #   bash benchmarks/plan-check.sh [WORK_DIR]
+# (PRESET=... SETTINGS="--set ..." COUNT=N: another preset, e.g. a dry run of the script on the CPU)
 set -euo pipefail
 work=${1:-$(mktemp -d)}
 dt=(python3 -m dreamteacher.cli)
-preset=(--preset r50-adm256-256px-64pd --set data.num_workers=8)
-python3 - "$work" <<'PY'
+preset=(--preset "${PRESET:-r50-adm256-256px-64pd}" --set data.num_workers=8 ${SETTINGS:-})
+python3 - "$work" "${COUNT:-512}" <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 sys.path.insert(0, ".")
 from dreamteacher.bench.speed import write_scenes
-write_scenes(Path(sys.argv[1]) / "images", 512)  # 480x360 JPEGs: decoded and resized as camera frames are
+write_scenes(Path(sys.argv[1]) / "images", int(sys.argv[2]))  # 480x360 JPEGs: decoded and resized as camera frames
 PY
-teacher=(--set teacher_train.max_steps=30 --set teacher_train.warmup_steps=5)
-student=(--set optim.batch_size=256 --set optim.max_steps=20)
-"${dt[@]}" plan --data "$work/images" --out "$work/plan.json" "${preset[@]}" "${teacher[@]}" "${student[@]}" --no-progress
+teacher=(--set teacher_train.batch_size=${TEACHER_BATCH:-64} --set teacher_train.max_steps=${TEACHER_STEPS:-30}
+         --set teacher_train.warmup_steps=5)
+student=(--set optim.batch_size=${STUDENT_BATCH:-256} --set optim.max_steps=${STUDENT_STEPS:-20})
+"${dt[@]}" plan --data "$work/images" --out "$work/plan.json" --cache "$work/cache" "${preset[@]}" "${teacher[@]}" "${student[@]}" --no-progress
 "${dt[@]}" train-teacher --data "$work/images" --out "$work/teacher" "${preset[@]}" "${teacher[@]}" --no-progress
-"${dt[@]}" pretrain --teacher "$work/teacher" --data "$work/images" --out "$work/student" "${preset[@]}" "${student[@]}" --no-progress
+"${dt[@]}" pretrain --teacher "$work/teacher" --data "$work/images" --out "$work/student" --cache "$work/cache" "${preset[@]}" "${student[@]}" --no-progress
 python3 - "$work" <<'PY'
 import json, sys
 from pathlib import Path

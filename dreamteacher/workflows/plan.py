@@ -351,15 +351,20 @@ def plan_student(method_cls, config: Config, preset, user: dict, listing, world:
     if cache_plan is not None:
         stage.notes.append("reads the feature cache" if use_cache else "encodes online (the teacher runs every step)")
         if cache_seconds is not None:
-            cache_plan["stage"] = StagePlan("feature cache", images * config.encode.cache_encodings, 0.0, per_device,
-                                            per_device, 1, world, precision, seconds=cache_seconds,
-                                            notes=[f"{images:,} images x {config.encode.cache_encodings} encodings"])
+            batch = 16  # build_cache encodes 16 images at a time, K times over
+            passes = math.ceil(images / (batch * world)) * config.encode.cache_encodings
+            cache_plan["stage"] = StagePlan("feature cache", passes, float(config.encode.cache_encodings), batch, batch,
+                                            1, world, precision, seconds=cache_seconds,
+                                            notes=[f"{images:,} images x {config.encode.cache_encodings} encodings: "
+                                                   "teacher forward passes of 16 images on each device"])
     return cache_plan, stage
 
 
 def hours(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
