@@ -21,15 +21,19 @@ from dreamteacher.data.images import SKIPPED_FILE, ImageFolder, list_sources
 
 
 def write_shards(images: Path, out: Path, per_shard: int) -> str:
-    """The folder's images as tar shards of `per_shard` samples each, webdataset style (KEY.png and a
-    KEY.json beside it), in the folder's order; returns the brace pattern naming them."""
+    """The folder's images as tar shards of `per_shard` samples each, webdataset style (KEY.png, with a
+    KEY.seg.png mask and a KEY.json beside it), in the folder's order; returns the brace pattern."""
     out.mkdir(parents=True)
     files = sorted(images.glob("*.png"))
     count = (len(files) + per_shard - 1) // per_shard
     for s in range(count):
         with tarfile.open(out / f"{s:06d}.tar", "w") as tar:
             for file in files[s * per_shard:(s + 1) * per_shard]:
-                for name, data in ((f"{file.stem}.png", file.read_bytes()), (f"{file.stem}.json", b"{}")):
+                # a mask beside the image (KEY.seg.png) must not be taken for it
+                mask = io.BytesIO()
+                Image.new("L", (8, 8)).save(mask, format="PNG")
+                for name, data in ((f"{file.stem}.seg.png", mask.getvalue()), (f"{file.stem}.png", file.read_bytes()),
+                                   (f"{file.stem}.json", b"{}")):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

@@ -18,9 +18,9 @@ import dataclasses
 import difflib
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-import warnings
 from typing import Any
 
 import yaml
@@ -120,7 +120,8 @@ class OptimConfig(Section):
     # micro-batches of `micro_batch` images whose gradients are accumulated into one step; the learning
     # rate follows the global batch alone (base_lr x batch_size / 256), never the device count
     batch_size: int = bounded(2048, low=1)
-    micro_batch: int = bounded(0, low=1, allowed=(0,))  # per device; 0 = auto (`dreamteacher plan` says which)
+    # per device; 0 = each device's whole share at once (`dreamteacher plan` measures the largest that fits)
+    micro_batch: int = bounded(0, low=1, allowed=(0,))
     epochs: int = bounded(200, low=1)
     warmup_epochs: int = bounded(30, low=0)
     max_steps: int = bounded(-1, low=1, allowed=(-1,))  # > 0 caps the run (smoke tests, demos); -1 = off

@@ -26,6 +26,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 BAD_IMAGE_RULES = ("skip", "error")
 SKIPPED_FILE = "skipped-images.txt"  # in a run folder: what its --data held that is not a readable image
 SHARD_SUFFIX = ".tar"
+HEADER_BYTES = 1 << 16  # what listing reads of an image in a shard: its header is in the first bytes
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ImageRef:
     name: str  # stable and unique: the path relative to its source (prefixed `i/` with several sources)
     path: Path  # the file, or the shard
     member: int = -1  # the sample's index in its shard (wids' numbering); -1 for a plain file
+    extension: str = ""  # the image's extension in its shard sample (".jpg"; not ".seg.png")
 
 
 @dataclass
@@ -164,19 +166,26 @@ def list_sources(data, resolution: list[int] | None = None, on_bad_image: str = 
             for shard in expand_shards(str(source)):
                 shard_index = len(shards)
                 shards.append(shard)
-                for member, (key, files) in enumerate(_shard_samples(shard)):
-                    pictures = [f for f in files if Path(f[0]).suffix.lower() in IMAGE_SUFFIXES]
-                    if not pictures:
-                        skipped.append((f"{shard} [{key}]", "no image in the sample"))
-                        continue
-                    _, offset, size = pictures[0]
+                with open(shard, "rb") as handle:  # one open per shard; each image's first bytes read
+                    for member, (key, files) in enumerate(_shard_samples(shard)):
+                        # the sample's image: a member named KEY + an image extension (KEY.jpg, not
+                        # KEY.seg.png, a mask beside it)
+                        pictures = [f for f in files if f[0][len(key):].lower() in IMAGE_SUFFIXES]
+                        if not pictures:
+                            skipped.append((f"{shard} [{key}]", "no image in the sample"))
+                            continue
+                        name, offset, size = pictures[0]
 
-                    def opener(shard=shard, offset=offset, size=size):
-                        with open(shard, "rb") as f:
-                            f.seek(offset)
-                            return io.BytesIO(f.read(size))
-                    header = _read_header(opener, key) if size else "empty image file (zero bytes)"
-                    add(f"{prefix}{shard_index}:{key}", shard, member, header)
+                        def opener(offset=offset, size=size):
+                            handle.seek(offset)
+                            return io.BytesIO(handle.read(min(size, HEADER_BYTES)))
+                        header = _read_header(opener, key) if size else "empty image file (zero bytes)"
+                        if not isinstance(header, str):
+                            images.append(ImageRef(f"{prefix}{shard_index}:{key}", shard, member, name[len(key):]))
+                            if resolution is not None and (header[1] < resolution[0] or header[0] < resolution[1]):
+                                small.append((header[0] * header[1], f"{header[0]}x{header[1]}", key))
+                        else:
+                            bad(f"{shard} [{key}]", header)
             continue
         path = Path(source)
         if path.is_dir():
@@ -295,8 +304,8 @@ class ShardReader:
     def __getstate__(self) -> dict:
         return {"shards": self.shards, "open_at_most": self.open_at_most, "_open": OrderedDict()}
 
-    def read(self, shard: int, member: int) -> io.BytesIO:
-        """The image bytes of sample `member` of shard `shard`."""
+    def read(self, shard: int, member: int, extension: str) -> io.BytesIO:
+        """The bytes of the `extension` file (".jpg") of sample `member` of shard `shard`."""
         samples = self._open.get(shard)
         if samples is None:
             from wids.wids import IndexedTarSamples  # noqa: PLC0415 - needed for shard data only
@@ -308,8 +317,8 @@ class ShardReader:
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(shard)
         sample = samples[member]
-        extension = next(ext for ext in sample if ext.lower() in IMAGE_SUFFIXES)
-        return sample[extension]
+        return sample[extension] if extension in sample else \
+            next(value for ext, value in sample.items() if ext.lower() == extension.lower())
 
 
 class ImageFolder(Dataset):
@@ -347,7 +356,7 @@ class ImageFolder(Dataset):
         if ref.member < 0:
             return load_rgb(ref.path)
         try:
-            with Image.open(self.reader.read(self._shard_index[ref.path], ref.member)) as img:
+            with Image.open(self.reader.read(self._shard_index[ref.path], ref.member, ref.extension)) as img:
                 return to_rgb(img)
         except (OSError, SyntaxError, ValueError) as exc:
             raise UserError(f"unreadable image file: {ref.path} [{ref.name}] ({exc})") from None

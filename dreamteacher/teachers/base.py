@@ -33,7 +33,7 @@ class TeacherTrainConfig(Section):
     """How `train-teacher` trains a teacher here (a DDPM or a StyleGAN2)."""
 
     batch_size: int = bounded(256, low=1)  # global, as optim.batch_size; lr is given for it
-    micro_batch: int = bounded(0, low=1, allowed=(0,))  # per device, gradients accumulated; 0 = auto
+    micro_batch: int = bounded(0, low=1, allowed=(0,))  # per device, gradients accumulated; 0 = whole share
     lr: float = bounded(1e-4, low=0, low_open=True)
     weight_decay: float = bounded(0.0, low=0)
     warmup_steps: int = bounded(500, low=0)

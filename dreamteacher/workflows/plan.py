@@ -120,7 +120,7 @@ def timing_images(listing, count: int, folder: Path) -> Path:
         if ref.member < 0:
             paths.append(ref.path)
         else:
-            image = reader.read(shard_index[ref.path], ref.member)
+            image = reader.read(shard_index[ref.path], ref.member, ref.extension)
             path = folder / f"shard-image-{i:05d}"
             path.write_bytes(image.getvalue())
             from PIL import Image  # noqa: PLC0415
@@ -262,12 +262,15 @@ def plan_teacher(trainer_cls, config: Config, preset, user: dict, listing, world
         train_teacher(listed, work / "teacher-timing", preset, layer, progress=False, kind=trainer_cls.kind,
                       callbacks=[timer])
 
+    asked = micro
     micro, seconds, peak = time_stage(run, micro, device, memory, bool(tt.micro_batch), per_device)
     accumulate = per_device // micro
     stage = StagePlan(trainer_cls.owner(), tt.max_steps, round(tt.max_steps * tt.batch_size / len(listing.images), 2),
                       tt.batch_size, micro, accumulate, world, precision,
                       round(gflops, 2) if gflops is not None else None, round(seconds, 4), round(peak, 2),
                       round(tt.max_steps * accumulate * seconds, 1))
+    if micro != asked:
+        stage.notes.append(f"the whole share of {asked} per device does not fit: set teacher_train.micro_batch={micro}")
     teacher = untrained_teacher(work / "teacher", preset, only_sections(user, trainer_cls.config_sections()),
                                 kind=trainer_cls.kind)  # the same architecture: the same cost downstream
     return stage, teacher
@@ -343,11 +346,14 @@ def plan_student(method_cls, config: Config, preset, user: dict, listing, world:
                             progress=False)
         per_image = (time.perf_counter() - start) / (per_device * steps * config.encode.cache_encodings)
         cache_seconds = round(per_image * images * config.encode.cache_encodings / max(1, world), 1)
+    asked = micro
     micro, seconds, peak = time_stage(run, micro, device, memory, bool(opt.micro_batch), per_device)
     accumulate = per_device // micro
     stage = StagePlan(method_cls.owner(), total, round(total / per_epoch, 2), opt.batch_size, micro, accumulate, world,
                       precision, round(gflops, 2) if gflops is not None else None, round(seconds, 4), round(peak, 2),
                       round(total * accumulate * seconds, 1))
+    if micro != asked:
+        stage.notes.append(f"the whole share of {asked} per device does not fit: set optim.micro_batch={micro}")
     if cache_plan is not None:
         stage.notes.append("reads the feature cache" if use_cache else "encodes online (the teacher runs every step)")
         if cache_seconds is not None:

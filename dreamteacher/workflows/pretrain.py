@@ -210,8 +210,9 @@ def launched_together() -> tuple[int, int, str]:
 
 def cached_dataset(inputs: PretrainInputs, images: ImageFolder, config: Config, rebuild: bool,
                    progress: bool) -> CachedFeatures:
-    """The images paired with their cached teacher features; rank 0 builds a missing cache while the
-    other processes of a torchrun/SLURM job wait for it."""
+    """The images paired with their cached teacher features. A missing cache is built by every process
+    of a torchrun/SLURM job, each its share (`launched_together`); when Lightning starts the processes,
+    the first builds it before the others exist, and they find it."""
     if not hasattr(inputs.teacher_model, "encode"):
         raise UserError(f"--teacher {inputs.teacher} is a GAN: its dataset is synthesized online and has no "
                         "feature cache (no --cache)")
