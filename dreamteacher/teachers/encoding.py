@@ -22,6 +22,7 @@ from dreamteacher.data.images import ImageFolder, uint8_to_unit
 from dreamteacher.teachers.diffusion import DiffusionTeacher
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
+CACHE_BATCH = 16  # images per teacher forward pass while building a feature cache
 
 
 def teacher_fingerprint(path: str | Path) -> str:
@@ -48,7 +49,7 @@ LAYOUT_FILE = "layout.json"  # in a cache being built by several processes: what
 
 @torch.no_grad()
 def build_cache(folder: Path, teacher: DiffusionTeacher, dataset: ImageFolder, key: dict, device: torch.device,
-                batch_size: int = 16, seed: int = 0, progress: bool = True, rank: int = 0, world: int = 1,
+                batch_size: int = CACHE_BATCH, seed: int = 0, progress: bool = True, rank: int = 0, world: int = 1,
                 launch: str = "", poll_seconds: float = 1.0) -> dict | None:
     """Encode every image K times (fresh noise each time) into `folder`, atomically: its size is
     checked against the free disk before anything is written. With `world` > 1 every process (started

@@ -37,7 +37,8 @@ from dreamteacher.data.sampling import steps_per_epoch
 from dreamteacher.engine.trainer import batch_split, peak_memory_gib
 from dreamteacher.methods.base import METHODS, TEACHER_TRAINERS
 from dreamteacher.teachers.base import sized_to_data
-from dreamteacher.workflows.pretrain import prepare_pretraining
+from dreamteacher.teachers.encoding import CACHE_BATCH
+from dreamteacher.workflows.pretrain import build_feature_cache, prepare_pretraining
 from dreamteacher.workflows.teacher import train_teacher, untrained_teacher
 
 MEMORY_HEADROOM = 0.9  # a micro-batch fits when its measured peak stays under this share of the device
@@ -340,8 +341,6 @@ def plan_student(method_cls, config: Config, preset, user: dict, listing, world:
     cache_seconds = None
     if use_cache:  # the timing run builds a cache of its own images: its encoding rate prices the real one
         start = time.perf_counter()
-        from dreamteacher.workflows.pretrain import build_feature_cache  # noqa: PLC0415
-
         build_feature_cache(listed, work / "cache", teacher, preset, only_sections(user, method_cls.config_sections()),
                             progress=False)
         per_image = (time.perf_counter() - start) / (per_device * steps * config.encode.cache_encodings)
@@ -357,12 +356,11 @@ def plan_student(method_cls, config: Config, preset, user: dict, listing, world:
     if cache_plan is not None:
         stage.notes.append("reads the feature cache" if use_cache else "encodes online (the teacher runs every step)")
         if cache_seconds is not None:
-            batch = 16  # build_cache encodes 16 images at a time, K times over
-            passes = math.ceil(images / (batch * world)) * config.encode.cache_encodings
-            cache_plan["stage"] = StagePlan("feature cache", passes, float(config.encode.cache_encodings), batch, batch,
-                                            1, world, precision, seconds=cache_seconds,
+            passes = math.ceil(images / (CACHE_BATCH * world)) * config.encode.cache_encodings
+            cache_plan["stage"] = StagePlan("feature cache", passes, float(config.encode.cache_encodings), CACHE_BATCH,
+                                            CACHE_BATCH, 1, world, precision, seconds=cache_seconds,
                                             notes=[f"{images:,} images x {config.encode.cache_encodings} encodings: "
-                                                   "teacher forward passes of 16 images on each device"])
+                                                   f"teacher forward passes of {CACHE_BATCH} images on each device"])
     return cache_plan, stage
 
 
